@@ -1,0 +1,378 @@
+"""HF-format checkpoints: config.json + safetensors (one file or shards + model.safetensors.index.json).
+
+Key mapping (ours -> HF on disk):
+  embed_tokens / norm / layers.N.*          -> model.embed_tokens / model.norm / model.layers.N.*
+  layers.N.mlp.experts.gate_up[j] (2I, D)   -> model.layers.N.mlp.experts.j.{gate_proj, up_proj}.weight
+  layers.N.mlp.experts.down[j]    (D, I)    -> model.layers.N.mlp.experts.j.down_proj.weight
+  mtp.k.{enorm, hnorm, eh_proj, shared_head.norm}, mtp.k.block.*  -> model.layers.{L + k}.*
+MTP layers also carry copies of the shared embedding and head (`embed_tokens`, `shared_head.head`), as
+DeepSeek-V3's checkpoints do; on load those copies are ignored (the main model's are used).
+
+Loading builds the model on the meta device, validates every header first (missing, unexpected,
+wrongly shaped or truncated tensors raise CheckpointError before any memory is allocated), then reads
+each tensor straight from the file into its parameter: peak memory stays near the model's size.
+Saving writes into a temporary folder renamed into place: a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import Transformer, rope_frequencies
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FP8_BLOCK = 128
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---- key mapping -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """Where one HF tensor lives in our model: parameter `name`, indexed by `index`."""
+    name: str
+    index: tuple
+
+
+def hf_key_map(model: Transformer) -> dict[str, Slot]:
+    """HF key -> Slot for every tensor the checkpoint holds (in a stable order)."""
+    cfg = model.config
+    out: dict[str, Slot] = {}
+    for name, _ in _named_tensors(model):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        prefix, local = _hf_prefix(name, cfg.num_hidden_layers)
+        if local.startswith("mlp.experts.gate_up") or local.startswith("mlp.experts.down"):
+            n_experts, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
+            base = prefix + local[: local.index("experts.") + len("experts.")]
+            for j in range(n_experts):
+                if local.endswith("gate_up"):
+                    out[f"{base}{j}.gate_proj.weight"] = Slot(name, (j, slice(0, inter)))
+                    out[f"{base}{j}.up_proj.weight"] = Slot(name, (j, slice(inter, 2 * inter)))
+                else:
+                    out[f"{base}{j}.down_proj.weight"] = Slot(name, (j,))
+        else:
+            out[prefix + local] = Slot(name, ())
+    return out
+
+
+def _named_tensors(model: Transformer):
+    """Parameters and persistent buffers, each once (tied weights appear under their first name)."""
+    yield from model.named_parameters()
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf
+
+
+def _hf_prefix(name: str, n_layers: int) -> tuple[str, str]:
+    """Split our parameter name into (HF prefix, local name within the layer)."""
+    if name == "lm_head.weight":
+        return "", name
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return f"model.layers.{parts[1]}.", ".".join(parts[2:])
+    if parts[0] == "mtp":
+        layer = n_layers + int(parts[1])
+        rest = parts[2:]
+        if rest[0] == "block":
+            rest = rest[1:]
+        return f"model.layers.{layer}.", ".".join(rest)
+    return "model.", name
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """HF keys of the per-MTP-layer copies of the shared embedding and head -> our source parameter."""
+    copies = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        layer = cfg.num_hidden_layers + k
+        copies[f"model.layers.{layer}.embed_tokens.weight"] = "embed_tokens.weight"
+        copies[f"model.layers.{layer}.shared_head.head.weight"] = "lm_head.weight"
+    return copies
+
+
+# ---- save --------------------------------------------------------------------------------------
+def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None,
+               max_shard_size: int | str = "5GB") -> Path:
+    """Write an HF-format folder that transformers' AutoModelForCausalLM.from_pretrained loads.
+
+    dtype: storage dtype for weights (default: the model's); routing gate weights and the
+    e_score_correction_bias stay fp32. Shards above max_shard_size get an index file.
+    """
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    cfg = model.config
+    params = dict(_named_tensors(model))
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for key, slot in hf_key_map(model).items():
+        t = params[slot.name].detach()[slot.index] if slot.index else params[slot.name].detach()
+        keep_fp32 = key.endswith("gate.weight") or key.endswith("e_score_correction_bias")
+        if dtype is not None and not keep_fp32 and t.is_floating_point():
+            t = t.to(dtype)
+        tensors.append((key, t))
+    for key, src in _mtp_copies(cfg).items():
+        t = params["embed_tokens.weight" if cfg.tie_word_embeddings else src].detach()
+        tensors.append((key, t.to(dtype) if dtype is not None else t))
+
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        names = ([SINGLE_NAME] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for fname, shard in zip(names, shards):
+            save_file({k: t.to("cpu").contiguous().clone() for k, t in shard}, tmp / fname,
+                      metadata={"format": "pt"})
+            weight_map.update({k: fname for k, _ in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        hf = cfg.to_hf()
+        stored = dtype or model.dtype
+        hf["torch_dtype"] = str(stored).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is kept aside until the move succeeded."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+# ---- reading safetensors without mmap --------------------------------------------------------
+@dataclass
+class TensorInfo:
+    file: Path
+    key: str
+    dtype: torch.dtype
+    shape: tuple
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check every tensor lies inside the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, "
+                                      f"file of {size})")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    base = 8 + n
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if meta.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{key}' has unsupported dtype {meta.get('dtype')!r}")
+        start, end = meta["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+        shape = tuple(meta["shape"])
+        if end - start != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            raise CheckpointError(f"{file}: tensor '{key}' byte range does not match its shape {shape}")
+        if base + end > size:
+            raise CheckpointError(f"{file}: truncated: tensor '{key}' ends at byte {base + end} but the file "
+                                  f"has {size} bytes")
+        out[key] = TensorInfo(file, key, dtype, shape, base + start, end - start)
+    return out
+
+
+def _read_into(info: TensorInfo, f, out: torch.Tensor) -> None:
+    """Read one tensor's bytes into `out` (same dtype and element count, contiguous, on CPU)."""
+    f.seek(info.offset)
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    if f.readinto(view) != info.nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.key}'")
+
+
+def read_tensor(info: TensorInfo, f) -> torch.Tensor:
+    t = torch.empty(info.shape, dtype=info.dtype)
+    _read_into(info, f, t)
+    return t
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DeepSeek-V3 FP8 e4m3 weights: one scale per 128x128 block; w = q * scale_inv."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return (weight.float() * scale).to(dtype)
+
+
+# ---- load --------------------------------------------------------------------------------------
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index} names shard {f.name}, which does not exist")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(f"{path}: only pickle-format weights ({', '.join(pickles)}); nanoseek never "
+                              "unpickles files: convert them to safetensors")
+    raise CheckpointError(f"{path}: no *.safetensors weights found")
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Load an HF-format DeepseekV3/V2 folder (sharded or not, fp32/bf16/fp16/FP8) into a Transformer.
+
+    dtype None keeps the stored dtype (FP8 weights become bf16). device None means CPU.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: config.json is missing")
+    config = ModelConfig.from_hf(path / "config.json")
+    device = torch.device(device or "cpu")
+
+    headers: dict[str, TensorInfo] = {}
+    for file in checkpoint_files(path):
+        for key, info in read_header(file).items():
+            headers[key] = info
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = hf_key_map(model)
+    mtp_keys = [k for k in expected if expected[k].name.startswith("mtp.")]
+    if mtp_keys and not any(k in headers for k in mtp_keys):
+        warnings.warn(f"{path}: config has {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
+                      "holds none; loading without MTP")
+        config.num_nextn_predict_layers = 0
+        with torch.device("meta"):
+            model = Transformer(config)
+        expected = hf_key_map(model)
+
+    _check_keys(path, model, expected, headers)
+    if dtype is None:
+        dtype = _stored_dtype(headers, expected)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.rotary.inv_freq = rope_frequencies(config)[0].to(device)  # computed, never read from disk
+
+    params = dict(_named_tensors(model))
+    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+    for key, info in headers.items():
+        if key in expected:
+            by_file.setdefault(info.file, []).append((key, info))
+    for file, items in by_file.items():
+        with open(file, "rb") as f:
+            for key, info in sorted(items, key=lambda kv: kv[1].offset):
+                slot = expected[key]
+                target = params[slot.name].data[slot.index] if slot.index else params[slot.name].data
+                _load_one(key, info, f, target, headers)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], headers: dict[str, TensorInfo]):
+    params = dict(_named_tensors(model))
+    missing = [k for k in expected if k not in headers]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor '{missing[0]}'{more}")
+    ignorable = set(_mtp_copies(model.config))
+    for key, info in headers.items():
+        if key in expected:
+            slot = expected[key]
+            p = params[slot.name]
+            want = tuple(p[slot.index].shape) if slot.index else tuple(p.shape)
+            if info.shape != want:
+                raise CheckpointError(f"{info.file}: tensor '{key}' has shape {info.shape}, expected {want}")
+        elif key in ignorable or key.endswith("rotary_emb.inv_freq"):
+            continue
+        elif key.endswith(".weight_scale_inv") and key[: -len("_scale_inv")] in expected:
+            continue
+        else:
+            raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (not part of a "
+                                  f"{model.config.model_type} model with this config.json)")
+
+
+def _stored_dtype(headers: dict[str, TensorInfo], expected: dict[str, Slot]) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for key, info in headers.items():
+        if key in expected and info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
+    if not counts:
+        return torch.float32
+    dtype = max(counts, key=counts.get)
+    return torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
+
+
+def _load_one(key: str, info: TensorInfo, f, target: torch.Tensor, headers: dict[str, TensorInfo]):
+    if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale_info = headers.get(key[: -len("weight")] + "weight_scale_inv")
+        if scale_info is None:
+            raise CheckpointError(f"{info.file}: FP8 tensor '{key}' has no '{key}_scale_inv' to dequantize it")
+        with open(scale_info.file, "rb") as sf:
+            scale = read_tensor(scale_info, sf)
+        target.copy_(dequantize_fp8(read_tensor(info, f), scale, target.dtype))
+    elif info.dtype == target.dtype and target.is_contiguous() and target.device.type == "cpu":
+        _read_into(info, f, target)
+    else:
+        target.copy_(read_tensor(info, f))

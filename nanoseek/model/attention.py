@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention (DeepSeek-V2 Sec. 2.1).
+
+Keys and values are compressed into one latent c_kv (kv_lora_rank) plus a shared decoupled rope key
+k_pe (qk_rope_head_dim). Two paths compute the same function:
+
+- full (training, prefill): up-project c_kv through kv_b_proj into per-head k_nope and v, then SDPA.
+- absorbed (decode over the cache): fold kv_b_proj's key half into the query and its value half into
+  the output, so attention runs directly against the cached latent; nothing per-head is materialised
+  for past tokens (DeepSeek-V3 inference code, attn_impl="absorb").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import LatentCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_dim = config.qk_head_dim
+        self.v_dim = config.v_head_dim
+        self.scale = config.softmax_scale
+        bias = config.attention_bias
+        D, H = config.hidden_size, self.n_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+    def project_query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) -> q_nope (B, T, H, nope), q_pe (B, T, H, rope) with RoPE applied."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        return q_nope, q_pe
+
+    def compress_kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) -> latent (B, T, kv_lora_rank) normalised, rope key (B, T, rope) rotated."""
+        kv = self.kv_a_proj_with_mqa(x)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
+        """x: (B, T, D); cos/sin: (B or 1, T, rope/2) for positions start..start+T."""
+        q_nope, q_pe = self.project_query(x, cos, sin)
+        latent, k_pe = self.compress_kv(x, cos, sin)
+        if cache is None:
+            out = self._full(q_nope, q_pe, latent, k_pe)
+        else:
+            latent_all, k_pe_all = cache.write(self.layer_idx, start, latent, k_pe)
+            if start == 0:  # prefill: the whole context is new, the full path is cheaper
+                out = self._full(q_nope, q_pe, latent, k_pe)
+            else:
+                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, start)
+        return self.o_proj(out.flatten(2))
+
+    def _full(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        """Causal attention over T new tokens. Returns (B, T, H, v_dim)."""
+        B, T = latent.shape[:2]
+        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, start: int) -> torch.Tensor:
+        """T new queries at start.. against S = start + T cached tokens. Returns (B, T, H, v_dim)."""
+        T, S = q_nope.shape[1], latent.shape[1]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, nope, r), (H, v, r)
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        scores = (torch.einsum("bthr,bsr->bhts", q_latent, latent)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+        if T > 1:  # queries see cached tokens and the new ones up to themselves
+            allowed = torch.arange(S, device=scores.device)[None, :] <= (start + torch.arange(T, device=scores.device))[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)
+        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)

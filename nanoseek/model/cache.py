@@ -1,0 +1,45 @@
+"""The MLA latent cache: per token and layer only the compressed KV latent and the shared rope key.
+
+That is kv_lora_rank + qk_rope_head_dim values per token per layer (576 for DeepSeek-V3) instead of
+num_heads * (qk_head_dim + v_head_dim) for a per-head K/V cache (40,960 for DeepSeek-V3).
+Buffers are preallocated for `max_len` tokens and written in place: no reallocation per decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class LatentCache:
+    """latent: (n_layers, B, max_len, kv_lora_rank); rope_key: (n_layers, B, max_len, qk_rope_head_dim).
+
+    `length` tokens are filled for every batch row. Layers 0..L-1 are the main blocks; MTP blocks follow.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, with_mtp: bool = True,
+                 device=None, dtype=torch.float32):
+        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if with_mtp else 0)
+        self.latent = torch.zeros(n_layers, batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
+        self.rope_key = torch.zeros(n_layers, batch_size, max_len, config.qk_rope_head_dim, device=device,
+                                    dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.latent.shape[1]
+
+    def write(self, layer: int, start: int, latent: torch.Tensor, rope_key: torch.Tensor):
+        """Store (B, T, r) / (B, T, d_rope) at positions start..start+T; return the filled prefixes."""
+        end = start + latent.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"LatentCache overflow: {end} tokens exceed max_len={self.max_len}")
+        self.latent[layer, :, start:end] = latent
+        self.rope_key[layer, :, start:end] = rope_key
+        return self.latent[layer, :, :end], self.rope_key[layer, :, :end]
+
+    def bytes_per_token(self) -> int:
+        per_layer = self.latent.shape[-1] + self.rope_key.shape[-1]
+        return per_layer * self.latent.shape[0] * self.latent.element_size()

@@ -1,0 +1,172 @@
+"""DeepSeekMoE: a gate, fine-grained routed experts stored as stacked tensors, and shared experts.
+
+Routing (DeepSeek-V3 Sec. 2.1.2, V2 Sec. 2.2):
+  scores = sigmoid(x W^T) (V3) or softmax(x W^T) (V2), in fp32
+  choice = scores + e_score_correction_bias   (V3 noaux_tc; the bias picks experts, never weighs them)
+  group-limited: group score = sum of the top-2 choices (noaux_tc) or the max (group_limited_greedy);
+                 keep topk_group groups, the others are masked with -inf (DeepSeek's reference)
+  weights = scores gathered at the top-k choices, / sum if norm_topk_prob, * routed_scaling_factor
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Scores every routed expert and picks num_experts_per_tok of them per token.
+
+    `weight` and `e_score_correction_bias` stay fp32 whatever the model dtype: selection is a
+    discrete choice that small rounding differences would flip.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in ("weight", "e_score_correction_bias"):
+            t = getattr(self, name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, D) -> affinity scores (N, E) in fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> weights (N, k) fp32, expert indices (N, k), scores (N, E)."""
+        scores = self.scores(x)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            choice = self._mask_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices, scores
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep the topk_group best groups of experts; the rest can never be selected."""
+        N = choice.shape[0]
+        grouped = choice.view(N, self.n_group, -1)
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(mask[..., None], float("-inf")).view(N, -1)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_up (E, 2I, D) = [gate; up], down (E, D, I).
+
+    Dropless dispatch: the N*k (token, expert) pairs are sorted by expert so each expert reads one
+    contiguous block; experts that received no token do no work.
+    """
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: (N, D), indices/weights: (N, k) -> (N, D) = sum_k weight * expert_k(x)."""
+        N, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of = order // k
+        x_sorted = x[token_of]  # (N*k, D), one block per expert
+        out = torch.empty_like(x_sorted)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            block = x_sorted[start:start + n]
+            gate, up = F.linear(block, self.gate_up[e]).chunk(2, dim=-1)
+            out[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
+            start += n
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on, unweighted) + routed experts (top-k by the gate).
+
+    After each forward, `expert_load` holds the number of tokens routed to each expert (for the
+    aux-loss-free bias update) and `aux_loss` the sequence-wise balance loss when alpha > 0 in training.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.gate = Gate(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        self.expert_load: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, indices, scores = self.gate(flat)
+        y = self.experts(flat, indices, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        with torch.no_grad():
+            self.expert_load = torch.bincount(indices.flatten(), minlength=self.gate.n_experts)
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+        return y.view(B, T, D)
+
+    def sequence_aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 Eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+        f_i = E / (k T) * #tokens choosing i; P_i = mean over tokens of scores normalised per token.
+        """
+        B, T, E = scores.shape
+        chosen = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.reshape(B, -1), torch.ones(B, T * self.top_k, device=scores.device))
+        f = chosen * E / (self.top_k * T)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()

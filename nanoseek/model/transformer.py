@@ -1,0 +1,157 @@
+"""Block, Transformer and the multi-token-prediction (MTP) modules.
+
+Parameter names follow the HF DeepseekV3 layout (`layers.N.self_attn.q_a_proj.weight`, ...) so the
+checkpoint mapping is a prefix, except for stacked routed experts and MTP modules (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .cache import LatentCache
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then h + FFN(norm(h)); FFN is dense or MoE."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
+                                                                          config.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; the projection itself is the main model's lm_head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Predicts token i+k+1 from the depth-(k-1) hidden state at i and the embedding of token i+k.
+
+    h'_i = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]) -> Block -> shared_head.norm -> lm_head
+    (DeepSeek-V3 Sec. 2.2; the concatenation order is the one vLLM uses with DeepSeek's weights).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, hidden, next_embeds, cos, sin, cache=None, start=0):
+        """hidden, next_embeds: (B, T, D) -> (B, T, D) hidden state of this depth (before the head norm)."""
+        h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
+        return self.block(h, cos, sin, cache, start)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3/V2 decoder. `model(input_ids) -> logits` (B, T, vocab) in the model's dtype."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        L = config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(L))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None):
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases (as HF)."""
+        std = self.config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, MoE):
+                nn.init.normal_(m.gate.weight, 0.0, std)
+                nn.init.normal_(m.experts.gate_up, 0.0, std)
+                nn.init.normal_(m.experts.down, 0.0, std)
+                if m.gate.e_score_correction_bias is not None:
+                    nn.init.zeros_(m.gate.e_score_correction_bias)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """input_ids: (B, T) -> final hidden states (B, T, D) before the output norm."""
+        T = input_ids.shape[1]
+        positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
+                return_mtp: bool = False):
+        """Logits (B, T, vocab). With a cache, positions continue from `start` (default cache.length)
+        and the cache is advanced by T. With return_mtp, also a list of MTP logits, depth k giving
+        (B, T - k, vocab): position i predicts token i + k + 1.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if start is None:
+            start = cache.length if cache is not None else 0
+        h = self.hidden_states(input_ids, cache, start)
+        logits = self.lm_head(self.norm(h))
+        if cache is not None:
+            cache.length = start + input_ids.shape[1]
+        if not return_mtp:
+            return logits
+        return logits, self.mtp_logits(h, input_ids)
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Sequential MTP over a full sequence (training): depth k sees tokens shifted by k."""
+        out = []
+        T = input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            positions = torch.arange(T - k, device=input_ids.device)[None]
+            cos, sin = self.rotary(positions)
+            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            out.append(self.lm_head(module.shared_head.norm(hidden)))
+        return out
+
+    # ---- balancing statistics -----------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
