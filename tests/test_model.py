@@ -1,0 +1,187 @@
+"""Model behaviour: absorbed latent-cache decoding, routing by hand, dropless dispatch, aux loss, MTP."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek import LatentCache, ModelConfig, Transformer
+from nanoseek.model.moe import Gate, RoutedExperts
+from nanoseek.model.rope import rope_frequencies
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig.preset("tiny", initializer_range=0.08, **overrides)
+
+
+def model_for(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in m.moe_layers():
+            if layer.gate.e_score_correction_bias is not None:
+                layer.gate.e_score_correction_bias.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("q_lora_rank", [64, None])
+def test_token_by_token_absorbed_decode_equals_full_forward(q_lora_rank):
+    cfg = tiny(q_lora_rank=q_lora_rank, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16,
+                                                      "mscale": 1.0, "mscale_all_dim": 1.0})
+    model = model_for(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        cache = LatentCache(cfg, batch_size=3, max_len=40)
+        steps = [model(x[:, :8], cache=cache)]  # prefill through the full path
+        for t in range(8, 40):
+            steps.append(model(x[:, t:t + 1], cache=cache))  # one token through the absorbed path
+    decoded = torch.cat(steps, dim=1)
+    assert cache.length == 40
+    assert (decoded - full).abs().max().item() <= 1e-4
+
+
+def test_chunk_after_prefix_uses_causal_mask():
+    """Several new tokens at once after a cached prefix (speculative verification's shape)."""
+    cfg = tiny()
+    model = model_for(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x)
+        cache = LatentCache(cfg, 2, 24)
+        a = model(x[:, :10], cache=cache)
+        b = model(x[:, 10:15], cache=cache)
+        c = model(x[:, 15:], cache=cache)
+    assert (torch.cat([a, b, c], 1) - full).abs().max().item() <= 1e-4
+
+
+def test_latent_cache_holds_only_latent_and_rope_key():
+    cfg = ModelConfig.preset("deepseek-v3")
+    cache = LatentCache(cfg, batch_size=1, max_len=1, with_mtp=False, device="meta", dtype=torch.bfloat16)
+    assert cache.latent.shape[-1] + cache.rope_key.shape[-1] == 576  # 512 + 64 per token per layer
+    assert cache.bytes_per_token() == 61 * 576 * 2
+    small = LatentCache(tiny(), 1, 4)
+    with pytest.raises(ValueError, match="overflow"):
+        small.write(0, 3, torch.zeros(1, 2, 32), torch.zeros(1, 2, 16))
+
+
+def test_gate_by_hand_bias_selects_but_does_not_weigh():
+    cfg = tiny(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.0)
+    gate = Gate(cfg)
+    # Choose logits so sigmoid scores are known: s = sigmoid(logit)
+    logits = torch.tensor([[3.0, -3.0, 0.0, -0.5, 2.0, 1.9, -1.0, 4.0]])
+    s = logits.sigmoid()
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits[0]  # x = e_0 makes x W^T = logits
+        gate.e_score_correction_bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0.5, 0, -2.0]))
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    weights, idx, scores = gate(x)
+    # choice = s + bias; groups of 2: g0={0,1}, g1={2,3}, g2={4,5}, g3={6,7}; group score = sum of top-2
+    choice = s[0] + gate.e_score_correction_bias
+    group = choice.view(4, 2).sum(-1)
+    assert group.argsort(descending=True)[:2].tolist() == [2, 0]
+    # expert 7 has the largest raw score but its bias sinks its group: never selected
+    assert sorted(idx[0].tolist()) == [0, 5]
+    w = s[0, [0, 5]]
+    expected = w / w.sum() * 2.0  # weights from the unbiased scores, normalised, scaled
+    got = weights[0][idx[0].argsort()]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(scores, s)
+
+
+def test_group_limited_greedy_uses_max_and_softmax():
+    cfg = tiny(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy",
+               norm_topk_prob=False, n_routed_experts=6, num_experts_per_tok=2, n_group=3, topk_group=1,
+               routed_scaling_factor=1.0)
+    gate = Gate(cfg)
+    assert gate.e_score_correction_bias is None
+    logits = torch.tensor([[2.0, -5.0, 1.5, 1.5, 0.0, 0.0]])
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits[0]
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    weights, idx, _ = gate(x)
+    p = logits.softmax(-1)[0]
+    # max per group: g0=2.0 wins over g1=1.5 (a sum of top-2 would pick g1: 3.0 > -3.0)
+    assert sorted(idx[0].tolist()) == [0, 1]
+    assert torch.allclose(weights[0][idx[0].argsort()], p[[0, 1]], atol=1e-6)
+
+
+def test_dropless_dispatch_equals_per_token_loop():
+    torch.manual_seed(0)
+    E, D, I, N, k = 6, 16, 8, 40, 3
+    experts = RoutedExperts(E, D, I)
+    with torch.no_grad():
+        experts.gate_up.normal_(0, 0.3)
+        experts.down.normal_(0, 0.3)
+    x = torch.randn(N, D)
+    idx = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])  # expert E-1 receives no token
+    w = torch.rand(N, k)
+    got = experts(x, idx, w)
+    ref = torch.zeros(N, D)
+    for n in range(N):
+        for j in range(k):
+            e = idx[n, j]
+            g, u = (experts.gate_up[e] @ x[n]).chunk(2)
+            ref[n] += w[n, j] * (experts.down[e] @ (torch.nn.functional.silu(g) * u))
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_sequence_aux_loss_by_hand():
+    cfg = tiny(aux_loss_alpha=0.01)
+    model = model_for(cfg).train()
+    moe = model.moe_layers()[0]
+    scores = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])  # B=1, T=2, E=4
+    indices = torch.tensor([[[0, 1], [0, 2]]])  # top-2
+    moe.top_k = 2
+    loss = moe.sequence_aux_loss(scores, indices)
+    f = torch.tensor([2, 1, 1, 0]) * 4 / (2 * 2)
+    p = torch.tensor([0.375, 0.375, 0.125, 0.125])
+    assert math.isclose(loss.item(), 0.01 * (f * p).sum().item(), rel_tol=1e-6)
+
+
+def test_training_forward_reports_load_and_aux_loss():
+    cfg = tiny(aux_loss_alpha=0.001)
+    model = model_for(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits, mtp = model(x, return_mtp=True)
+    assert logits.shape == (2, 16, cfg.vocab_size)
+    assert [t.shape for t in mtp] == [(2, 15, cfg.vocab_size)]
+    loads = [layer.mlp.expert_load for layer in model.layers[cfg.first_k_dense_replace:]]
+    assert loads and all(load.sum().item() == 2 * 16 * cfg.num_experts_per_tok for load in loads)
+    assert model.mtp[0].block.mlp.expert_load.sum().item() == 2 * 15 * cfg.num_experts_per_tok
+    aux = model.aux_loss()
+    assert aux is not None and aux.item() > 0
+    (logits.mean() + mtp[0].mean() + aux).backward()
+    assert model.mtp[0].eh_proj.weight.grad is not None
+    assert model.layers[1].mlp.gate.weight.grad is not None  # the aux loss reaches the gate
+
+
+def test_gate_params_stay_fp32_under_dtype_cast():
+    model = Transformer(tiny()).to(torch.bfloat16)
+    gate = model.moe_layers()[0].gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+    out = model(torch.randint(0, 1024, (1, 4)))
+    assert out.dtype == torch.bfloat16
+
+
+def test_yarn_matches_reference_formula():
+    cfg = tiny(rope_scaling={"factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+    inv_freq, amplitude = rope_frequencies(cfg)
+    m = 0.1 * 0.707 * math.log(40) + 1
+    assert math.isclose(cfg.softmax_scale, 48 ** -0.5 * m * m, rel_tol=1e-9)
+    assert math.isclose(amplitude, 1.0)
+    base = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+    assert torch.allclose(inv_freq[0], base[0])  # fastest dim extrapolates
+    assert torch.allclose(inv_freq[-1], base[-1] / 40)  # slowest dim interpolates
+
+
+def test_bad_input_shape():
+    model = Transformer(tiny())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(4, dtype=torch.long))
