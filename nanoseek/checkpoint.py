@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import struct
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .model import Transformer, rope_frequencies
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,6 +41,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -116,6 +117,8 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
 
     dtype: storage dtype for weights (default: the model's); routing gate weights and the
     e_score_correction_bias stay fp32. Shards above max_shard_size get an index file.
+    Saving over an existing folder replaces its weights and config.json and keeps its other files
+    (tokenizer, logs); if the save fails, the folder is left as it was.
     """
     path = Path(path)
     limit = _parse_size(max_shard_size)
@@ -143,7 +146,8 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
         size += nbytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its mode 0700 would make the saved folder private
     try:
         names = ([SINGLE_NAME] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -168,24 +172,46 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is kept aside until the move succeeded."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+    """Move `new` to `target`. An existing target is kept aside until the move succeeded (and put back
+    if it fails); its files that are not part of a saved model (tokenizer, logs, ...) move into the new
+    folder, while its old weights, index and config.json are dropped."""
+    if not target.exists():
         os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"cannot save a model to {target}: it exists and is not a folder")
+    old = new.with_name(new.name + ".old")
+    os.replace(target, old)
+    try:
         os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    for entry in old.iterdir():
+        if not (_is_model_file(entry.name) or (target / entry.name).exists()):
+            os.replace(entry, target / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_model_file(name: str) -> bool:
+    """Files a save rewrites: stale ones from an earlier save must not survive (a stale index would win)."""
+    return name.endswith(".safetensors") or name in (INDEX_NAME, "config.json")
 
 
 def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB' (10^9, as transformers) or '2GiB' (2^30)."""
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+             ("B", 1))
+    try:
+        for unit, mult in units:
+            if s.endswith(unit):
+                return int(float(s[: -len(unit)]) * mult)
+        return int(s)
+    except ValueError:
+        raise CheckpointError(f"invalid max_shard_size {size!r}: use bytes or a size like '5GB'") from None
 
 
 # ---- reading safetensors without mmap --------------------------------------------------------
@@ -214,17 +240,24 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (its header is not a JSON object)")
     base = 8 + n
     out = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        if meta.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor '{key}' has unsupported dtype {meta.get('dtype')!r}")
-        start, end = meta["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-        shape = tuple(meta["shape"])
-        if end - start != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+        try:
+            dtype_name, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            numel = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor '{key}' has a malformed header entry {meta!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{key}' has unsupported dtype {dtype_name!r}")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise CheckpointError(f"{file}: tensor '{key}' has invalid data_offsets {[start, end]}")
+        if end - start != numel * torch.empty((), dtype=dtype).element_size():
             raise CheckpointError(f"{file}: tensor '{key}' byte range does not match its shape {shape}")
         if base + end > size:
             raise CheckpointError(f"{file}: truncated: tensor '{key}' ends at byte {base + end} but the file "
@@ -282,6 +315,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     """Load an HF-format DeepseekV3/V2 folder (sharded or not, fp32/bf16/fp16/FP8) into a Transformer.
 
     dtype None keeps the stored dtype (FP8 weights become bf16). device None means CPU.
+    The model is returned in eval mode.
     """
     path = Path(path)
     if not path.is_dir():
@@ -294,6 +328,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     headers: dict[str, TensorInfo] = {}
     for file in checkpoint_files(path):
         for key, info in read_header(file).items():
+            if key in headers:
+                raise CheckpointError(f"{path}: tensor '{key}' is stored twice, in {headers[key].file.name} "
+                                      f"and {file.name}")
             headers[key] = info
 
     with torch.device("meta"):
@@ -327,7 +364,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
                 _load_one(key, info, f, target, headers)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model
+    return model.eval()  # as transformers' from_pretrained; call .train() to train
 
 
 def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], headers: dict[str, TensorInfo]):
@@ -337,6 +374,8 @@ def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], heade
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor '{missing[0]}'{more}")
     ignorable = set(_mtp_copies(model.config))
+    if model.config.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     for key, info in headers.items():
         if key in expected:
             slot = expected[key]
@@ -344,6 +383,8 @@ def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], heade
             want = tuple(p[slot.index].shape) if slot.index else tuple(p.shape)
             if info.shape != want:
                 raise CheckpointError(f"{info.file}: tensor '{key}' has shape {info.shape}, expected {want}")
+            if info.dtype in FP8_DTYPES:
+                _check_fp8_scale(key, info, headers)
         elif key in ignorable or key.endswith("rotary_emb.inv_freq"):
             continue
         elif key.endswith(".weight_scale_inv") and key[: -len("_scale_inv")] in expected:
@@ -351,6 +392,21 @@ def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], heade
         else:
             raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (not part of a "
                                   f"{model.config.model_type} model with this config.json)")
+
+
+def _check_fp8_scale(key: str, info: TensorInfo, headers: dict[str, TensorInfo]) -> None:
+    """An FP8 weight needs `<key>_scale_inv` of shape (ceil(rows/128), ceil(cols/128))."""
+    if len(info.shape) != 2:
+        raise CheckpointError(f"{info.file}: FP8 tensor '{key}' has shape {info.shape}; only 2-D weights "
+                              "with 128x128 block scales are supported")
+    scale = headers.get(key + "_scale_inv")
+    if scale is None:
+        raise CheckpointError(f"{info.file}: FP8 tensor '{key}' has no '{key}_scale_inv' to dequantize it")
+    want = tuple(math.ceil(d / FP8_BLOCK) for d in info.shape)
+    if scale.shape != want or not scale.dtype.is_floating_point or scale.dtype in FP8_DTYPES:
+        raise CheckpointError(f"{scale.file}: scale tensor '{key}_scale_inv' has shape {scale.shape} and dtype "
+                              f"{scale.dtype}, expected {want} in a float type for the 128x128 blocks of "
+                              f"{info.shape}")
 
 
 def _stored_dtype(headers: dict[str, TensorInfo], expected: dict[str, Slot]) -> torch.dtype:
@@ -361,14 +417,12 @@ def _stored_dtype(headers: dict[str, TensorInfo], expected: dict[str, Slot]) -> 
     if not counts:
         return torch.float32
     dtype = max(counts, key=counts.get)
-    return torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
 def _load_one(key: str, info: TensorInfo, f, target: torch.Tensor, headers: dict[str, TensorInfo]):
-    if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        scale_info = headers.get(key[: -len("weight")] + "weight_scale_inv")
-        if scale_info is None:
-            raise CheckpointError(f"{info.file}: FP8 tensor '{key}' has no '{key}_scale_inv' to dequantize it")
+    if info.dtype in FP8_DTYPES:
+        scale_info = headers[key + "_scale_inv"]  # presence and shape checked by _check_fp8_scale
         with open(scale_info.file, "rb") as sf:
             scale = read_tensor(scale_info, sf)
         target.copy_(dequantize_fp8(read_tensor(info, f), scale, target.dtype))

@@ -18,10 +18,24 @@ MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
-# transformers 5.24 does not write these for deepseek_v3; a reader must default them by model_type.
-DEFAULT_ROUTING = {
-    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
-    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy"},
+# Fields missing from a config.json take transformers' defaults for that model_type (transformers
+# 5.24 does not even write scoring_func / topk_method for deepseek_v3). MTP defaults to none.
+HF_DEFAULTS = {
+    "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc", vocab_size=129280, hidden_size=7168,
+                        intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+                        num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+                        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+                        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096,
+                        bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=0),
+    "deepseek_v2": dict(scoring_func="softmax", topk_method="greedy", vocab_size=102400, hidden_size=4096,
+                        intermediate_size=11008, moe_intermediate_size=1407, num_hidden_layers=32,
+                        num_attention_heads=32, n_shared_experts=2, n_routed_experts=64,
+                        routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1,
+                        num_experts_per_tok=None, first_k_dense_replace=0, norm_topk_prob=False,
+                        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                        num_nextn_predict_layers=0),
 }
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
@@ -160,10 +174,14 @@ class ModelConfig:
         kind = rs.get("type", rs.get("rope_type", "yarn"))
         if kind != "yarn":
             bad("rope_scaling", f"only 'yarn' scaling is supported, not {kind!r}")
-        if "factor" not in rs or not rs["factor"] > 0:
-            bad("rope_scaling", "yarn needs a positive 'factor'")
-        if not rs.get("original_max_position_embeddings", 0) > 0:
-            bad("rope_scaling", "yarn needs a positive 'original_max_position_embeddings'")
+        for key in ("factor", "original_max_position_embeddings"):
+            v = rs.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                bad("rope_scaling", f"yarn needs a positive number for '{key}'")
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad("rope_scaling", f"'{key}' must be a number")
 
     # ---- RoPE / attention scaling ------------------------------------------------------
     @property
@@ -206,9 +224,11 @@ class ModelConfig:
             if not p.exists():
                 raise ConfigError(f"config file not found: {p}")
             try:
-                raw = json.loads(p.read_text())
+                raw = json.loads(p.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{p} is not valid JSON: line {e.lineno}: {e.msg}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{p} is not UTF-8 text (byte {e.start})") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"{p} must hold a JSON object")
         where = f" in {name}" if name else ""
@@ -217,9 +237,8 @@ class ModelConfig:
             raise ConfigError(f"unknown model_type {model_type!r}{where}: nanoseek reads {MODEL_TYPES}")
         if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
             raw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-        routing = DEFAULT_ROUTING[model_type]
-        for key, default in routing.items():
-            if raw.get(key) is None:
+        for key, default in HF_DEFAULTS[model_type].items():
+            if key not in raw or (key in ("scoring_func", "topk_method") and raw[key] is None):
                 raw[key] = default
         rope_theta, rope_scaling = _read_rope(raw, name)
         raw["rope_theta"] = rope_theta
@@ -236,8 +255,6 @@ class ModelConfig:
             raw["eos_token_id"] = eos[0] if eos else None
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
-        kwargs.setdefault("first_k_dense_replace", 0 if model_type == "deepseek_v2" else 3)
-        kwargs.setdefault("num_nextn_predict_layers", 0)
         try:
             cfg = cls(**kwargs)
         except ConfigError as e:

@@ -161,8 +161,11 @@ def test_training_forward_reports_load_and_aux_loss():
 
 
 def test_gate_params_stay_fp32_under_dtype_cast():
-    model = Transformer(tiny()).to(torch.bfloat16)
+    model = model_for(tiny())
+    before = model.moe_layers()[0].gate.e_score_correction_bias.clone()
+    model = model.to(torch.bfloat16)
     gate = model.moe_layers()[0].gate
+    assert torch.equal(gate.e_score_correction_bias, before)  # not rounded through bf16
     assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
     assert model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
     out = model(torch.randint(0, 1024, (1, 4)))

@@ -54,11 +54,13 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def _apply(self, fn, recurse=True):
+        kept = {n: getattr(self, n).data for n in ("weight", "e_score_correction_bias")
+                if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        for name in ("weight", "e_score_correction_bias"):
+        for name, before in kept.items():  # a dtype cast must not round routing through bf16
             t = getattr(self, name)
-            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
+            if t.dtype != torch.float32:
+                t.data = before.to(device=t.device, dtype=torch.float32)
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

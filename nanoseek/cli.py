@@ -1,0 +1,201 @@
+"""The `nanoseek` command: thin, parses arguments and calls the library.
+
+Each subcommand is one function registered with `@command(name, help, add_arguments)`; `main` builds
+one subparser per registered command, so adding a command is one decorated function and nothing else.
+Errors the user can fix (NanoseekError, missing or unreadable files, bad arguments) print one line,
+`error: <message>`, on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import PRESETS, ModelConfig
+from .errors import NanoseekError
+from .params import DTYPE_BYTES, count_parameters, kv_cache_size
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, how to add its arguments, and what it runs."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated `run(args) -> exit code` as the subcommand `name`."""
+    def register(run):
+        COMMANDS[name] = Command(name, help, add_arguments, run)
+        return run
+    return register
+
+
+# ---- shared argument helpers ---------------------------------------------------------------------
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--preset NAME or --config path/config.json (or the model folder holding it): exactly one."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", metavar="NAME", help=f"a built-in config: {', '.join(PRESETS)}")
+    source.add_argument("--config", metavar="PATH", type=Path,
+                        help="an HF config.json, or a model folder that holds one")
+
+
+def load_config(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig named by --preset or --config (raises ConfigError naming the field or file)."""
+    if args.preset is not None:
+        return ModelConfig.preset(args.preset)
+    return ModelConfig.from_hf(args.config)
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M': K, M, B, T by powers of 1000."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}" if isinstance(n, float) else f"{n}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units: 70272 -> '68.6 KiB'."""
+    for factor, suffix in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{n:.0f} B"
+
+
+# ---- nanoseek params -----------------------------------------------------------------------------
+def _params_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source(parser)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), metavar="DTYPE",
+                        help="storage dtype of the KV cache: bf16 (default), fp16, fp32, fp8 or a torch name")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+@command("params", "count parameters (total, activated, MTP, on disk) and KV-cache bytes per token",
+         _params_arguments)
+def cmd_params(args: argparse.Namespace) -> int:
+    """Print parameter counts and KV-cache sizes for a config; the model is built on meta (no memory)."""
+    config = load_config(args)
+    counts = count_parameters(config)
+    cache = kv_cache_size(config, args.dtype)
+    if args.json:
+        print(json.dumps(_params_json(counts, cache, args.dtype), indent=2))
+    else:
+        name = args.preset or str(args.config)
+        print("\n".join(_params_table(name, config, counts, cache, args.dtype)))
+    return EXIT_OK
+
+
+COMPONENT_LABELS = {
+    "embedding": "embedding", "head": "output head", "attention": "attention (MLA)", "dense_mlp": "dense MLPs",
+    "routed_experts": "routed experts", "shared_experts": "shared experts", "gates": "gates",
+    "norms": "norms", "other": "other",
+}
+
+
+def _params_table(name, config, counts, cache, dtype: str) -> list[str]:
+    """The human-readable report: header, totals, per-component rows, KV cache."""
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    lines = [f"{name} ({config.model_type}): {config.num_hidden_layers} layers "
+             f"({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE), "
+             f"{config.n_routed_experts} routed experts (top-{config.num_experts_per_tok}), "
+             f"{config.n_shared_experts} shared, {config.num_nextn_predict_layers} MTP", ""]
+    row = "  {:<36} {:>9} {:>20} {:>8}"
+
+    def share(n: int) -> str:  # of the main model
+        return f"{100 * n / counts.total:.2f}%"
+
+    lines.append(row.format("parameters", "count", "exact", "% total"))
+    for label, n in (("total (main model, MTP excluded)", counts.total),
+                     ("activated per token (no embed table)", counts.activated),
+                     ("activated incl. embedding table", counts.activated_with_embedding),
+                     ("MTP modules (unique)", counts.mtp),
+                     ("on disk (+ MTP embed/head copies)", counts.on_disk)):
+        lines.append(row.format(label, human(n), f"{n:,}", share(n)))
+    lines += ["", row.format("main model by component", "count", "exact", "% total")]
+    for key, n in counts.components.items():
+        if key == "mtp" or (key == "other" and n == 0):
+            continue
+        lines.append(row.format(COMPONENT_LABELS[key], human(n), f"{n:,}", share(n)))
+    lines += [""] + _cache_table(config, cache, dtype)
+    return lines
+
+
+def _cache_table(config, cache, dtype: str) -> list[str]:
+    """KV-cache bytes per token (all layers), and per sequence at the model's maximum context."""
+    ctx = config.max_position_embeddings
+    row = "  {:<44} {:>12} {:>11} {:>14}"
+    lines = [f"KV cache ({dtype}, {cache.layers} layers)",
+             row.format("", "bytes/token", "", f"at {ctx:,} tok")]
+    latent = f"MLA latent ({config.kv_lora_rank} + {config.qk_rope_head_dim} values/layer)"
+    per_head = (f"per-head K/V ({config.num_attention_heads} x ({config.qk_head_dim} + "
+                f"{config.v_head_dim}) values/layer)")
+    for label, n in ((latent, cache.latent_bytes), (per_head, cache.per_head_bytes)):
+        lines.append(row.format(label, f"{n:,}", human_bytes(n), human_bytes(n * ctx)))
+    lines.append(f"  latent cache is {cache.ratio:.1f}x smaller")
+    return lines
+
+
+def _params_json(counts, cache, dtype: str) -> dict:
+    return {**counts.as_dict(), "kv_cache": {
+        "dtype": dtype, "layers": cache.layers, "latent_values_per_layer": cache.latent_values,
+        "per_head_values_per_layer": cache.per_head_values, "latent_bytes_per_token": cache.latent_bytes,
+        "per_head_bytes_per_token": cache.per_head_bytes, "ratio": cache.ratio}}
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="nanoseek", description="DeepSeek-style MoE models: "
+                                     "define, train, teach to reason, serve and evaluate.")
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = args.run(args)
+    except NanoseekError as e:
+        return _fail(str(e))
+    except OSError as e:  # missing or unreadable file: name it
+        return _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", code=130)
+    return EXIT_OK if code is None else code
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    """Print `error: <message>` as exactly one line on stderr."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return code
+
