@@ -65,41 +65,62 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
-        """x: (B, T, D); cos/sin: (B or 1, T, rope/2) for positions start..start+T."""
+                cache: LatentCache | None = None, start: int = 0,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); cos/sin: (B or 1, T, rope/2) for these tokens' positions.
+
+        With a cache, the tokens occupy cache slots start..start+T. key_valid: (B, S) bool, False for
+        padding keys (S = T without a cache, start + T with one); None when nothing is padding.
+        """
         q_nope, q_pe = self.project_query(x, cos, sin)
         latent, k_pe = self.compress_kv(x, cos, sin)
         if cache is None:
-            out = self._full(q_nope, q_pe, latent, k_pe)
+            out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
         else:
             latent_all, k_pe_all = cache.write(self.layer_idx, start, latent, k_pe)
             if start == 0:  # prefill: the whole context is new, the full path is cheaper
-                out = self._full(q_nope, q_pe, latent, k_pe)
+                out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
             else:
-                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, start)
+                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, start, key_valid)
         return self.o_proj(out.flatten(2))
 
-    def _full(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+    def _full(self, q_nope, q_pe, latent, k_pe, key_valid=None) -> torch.Tensor:
         """Causal attention over T new tokens. Returns (B, T, H, v_dim)."""
         B, T = latent.shape[:2]
         kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        if key_valid is None:
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        else:
+            mask = attention_mask(key_valid, 0, T)[:, None]  # (B, 1, T, T)
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, start: int) -> torch.Tensor:
-        """T new queries at start.. against S = start + T cached tokens. Returns (B, T, H, v_dim)."""
-        T, S = q_nope.shape[1], latent.shape[1]
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, start: int, key_valid=None) -> torch.Tensor:
+        """T new queries in slots start.. against S = start + T cached slots. Returns (B, T, H, v_dim)."""
+        T = q_nope.shape[1]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, nope, r), (H, v, r)
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
         scores = (torch.einsum("bthr,bsr->bhts", q_latent, latent)
                   + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
-        if T > 1:  # queries see cached tokens and the new ones up to themselves
-            allowed = torch.arange(S, device=scores.device)[None, :] <= (start + torch.arange(T, device=scores.device))[:, None]
-            scores = scores.masked_fill(~allowed, float("-inf"))
+        if T > 1 or key_valid is not None:
+            valid = key_valid if key_valid is not None else torch.ones(
+                latent.shape[:2], dtype=torch.bool, device=latent.device)
+            scores = scores.masked_fill(~attention_mask(valid, start, T)[:, None], float("-inf"))
         probs = scores.float().softmax(dim=-1).to(latent.dtype)
         out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+
+
+def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(B, T, S) bool: query t (slot start + t) sees valid keys up to itself, and always itself,
+    so a padding query never has an empty row (its output is unused)."""
+    S = key_valid.shape[1]
+    slots = torch.arange(S, device=key_valid.device)
+    query_slots = start + torch.arange(T, device=key_valid.device)
+    causal = slots[None, :] <= query_slots[:, None]  # (T, S)
+    own = slots[None, :] == query_slots[:, None]
+    return (causal[None] & key_valid[:, None, :]) | own[None]

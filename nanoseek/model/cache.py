@@ -24,6 +24,8 @@ class LatentCache:
         self.latent = torch.zeros(n_layers, batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
         self.rope_key = torch.zeros(n_layers, batch_size, max_len, config.qk_rope_head_dim, device=device,
                                     dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)  # False: padding
+        self.padded = False
         self.length = 0
         self.max_len = max_len
 
@@ -32,13 +34,24 @@ class LatentCache:
         return self.latent.shape[1]
 
     def write(self, layer: int, start: int, latent: torch.Tensor, rope_key: torch.Tensor):
-        """Store (B, T, r) / (B, T, d_rope) at positions start..start+T; return the filled prefixes."""
+        """Store (B, T, r) / (B, T, d_rope) at slots start..start+T; return the filled prefixes."""
         end = start + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"LatentCache overflow: {end} tokens exceed max_len={self.max_len}")
         self.latent[layer, :, start:end] = latent
         self.rope_key[layer, :, start:end] = rope_key
         return self.latent[layer, :, :end], self.rope_key[layer, :, :end]
+
+    def mark(self, start: int, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """Record which of slots start..start+length hold real tokens (attention_mask (B, T): 1 real,
+        0 padding). Returns the key-validity mask (B, start+length) or None if nothing is padding."""
+        end = start + length
+        if attention_mask is not None:
+            self.valid[:, start:end] = attention_mask.bool()
+            self.padded = self.padded or not bool(attention_mask.all())
+        else:
+            self.valid[:, start:end] = True
+        return self.valid[:, :end] if self.padded else None
 
     def bytes_per_token(self) -> int:
         per_layer = self.latent.shape[-1] + self.rope_key.shape[-1]

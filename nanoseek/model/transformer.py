@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
                                                                           config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache=None, start=0, key_valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, key_valid)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -56,10 +56,10 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)
         self.shared_head = SharedHead(config)
 
-    def forward(self, hidden, next_embeds, cos, sin, cache=None, start=0):
+    def forward(self, hidden, next_embeds, cos, sin, cache=None, start=0, key_valid=None):
         """hidden, next_embeds: (B, T, D) -> (B, T, D) hidden state of this depth (before the head norm)."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.block(h, cos, sin, cache, start)
+        return self.block(h, cos, sin, cache, start, key_valid)
 
 
 class Transformer(nn.Module):
@@ -98,31 +98,41 @@ class Transformer(nn.Module):
                 if m.gate.e_score_correction_bias is not None:
                     nn.init.zeros_(m.gate.e_score_correction_bias)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
-                      start: int = 0) -> torch.Tensor:
-        """input_ids: (B, T) -> final hidden states (B, T, D) before the output norm."""
-        T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)[None]
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache | None = None,
+                      start: int = 0, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (B or 1, T) -> final hidden states (B, T, D) before the output norm."""
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start)
+            x = layer(x, cos, sin, cache, start, key_valid)
         return x
 
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 return_mtp: bool = False):
-        """Logits (B, T, vocab). With a cache, positions continue from `start` (default cache.length)
-        and the cache is advanced by T. With return_mtp, also a list of MTP logits, depth k giving
-        (B, T - k, vocab): position i predicts token i + k + 1.
+        """Logits (B, T, vocab).
+
+        cache: tokens go into cache slots start..start+T (default start = cache.length) and the cache
+        advances by T. positions: (B, T) rotary positions (default: the slot numbers); pass them for
+        left-padded batches. attention_mask: (B, T) 1 for real tokens, 0 for padding (remembered by
+        the cache for later steps). return_mtp: also a list of MTP logits, depth k giving
+        (B, T - k, vocab) where position i predicts token i + k + 1.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
         if start is None:
             start = cache.length if cache is not None else 0
-        h = self.hidden_states(input_ids, cache, start)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        if cache is not None:
+            key_valid = cache.mark(start, attention_mask, T)
+        else:
+            key_valid = None if attention_mask is None else attention_mask.bool()
+        h = self.hidden_states(input_ids, positions, cache, start, key_valid)
         logits = self.lm_head(self.norm(h))
         if cache is not None:
-            cache.length = start + input_ids.shape[1]
+            cache.length = start + T
         if not return_mtp:
             return logits
         return logits, self.mtp_logits(h, input_ids)

@@ -1,0 +1,5 @@
+"""Inference: batched generation over the MLA latent cache."""
+
+from .generate import generate, sample_next
+
+__all__ = ["generate", "sample_next"]
