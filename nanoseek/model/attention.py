@@ -46,7 +46,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
-    def project_query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_query(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D) -> q_nope (B, T, H, nope), q_pe (B, T, H, rope) with RoPE applied."""
         B, T, _ = x.shape
         if self.q_lora_rank is None:
@@ -55,33 +55,31 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
-        return q_nope, q_pe
+        return q_nope, apply_rope(q_pe, freqs[:, :, None])
 
-    def compress_kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def compress_kv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D) -> latent (B, T, kv_lora_rank) normalised, rope key (B, T, rope) rotated."""
         kv = self.kv_a_proj_with_mqa(x)
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)
+        return self.kv_a_layernorm(latent), apply_rope(k_pe, freqs)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start: int = 0,
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: LatentCache | None = None, start: int = 0,
                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, D); cos/sin: (B or 1, T, rope/2) for these tokens' positions.
+        """x: (B, T, D); freqs: complex (B or 1, T, rope/2) for these tokens' positions.
 
         With a cache, the tokens occupy cache slots start..start+T. key_valid: (B, S) bool, False for
         padding keys (S = T without a cache, start + T with one); None when nothing is padding.
         """
-        q_nope, q_pe = self.project_query(x, cos, sin)
-        latent, k_pe = self.compress_kv(x, cos, sin)
+        q_nope, q_pe = self.project_query(x, freqs)
+        latent, k_pe = self.compress_kv(x, freqs)
         if cache is None:
             out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
         else:
-            latent_all, k_pe_all = cache.write(self.layer_idx, start, latent, k_pe)
+            rows = cache.write(self.layer_idx, start, latent, k_pe)
             if start == 0:  # prefill: the whole context is new, the full path is cheaper
                 out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
             else:
-                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, start, key_valid)
+                out = self._absorbed(q_nope, q_pe, rows, start, key_valid)
         return self.o_proj(out.flatten(2))
 
     def _full(self, q_nope, q_pe, latent, k_pe, key_valid=None) -> torch.Tensor:
@@ -91,28 +89,40 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        if self.v_dim < self.qk_dim:  # fused SDPA kernels want equal head dims: pad v, slice the output
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
         if key_valid is None:
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         else:
             mask = attention_mask(key_valid, 0, T)[:, None]  # (B, 1, T, T)
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., : self.v_dim]
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, start: int, key_valid=None) -> torch.Tensor:
-        """T new queries in slots start.. against S = start + T cached slots. Returns (B, T, H, v_dim)."""
-        T = q_nope.shape[1]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+    def _absorbed(self, q_nope, q_pe, rows, start: int, key_valid=None) -> torch.Tensor:
+        """T new queries in slots start.. against the S = start + T cached rows (B, S, r + rope).
+
+        scores = [q_nope W_uk ; q_pe] . [latent ; k_pe]  (one matmul against the cache rows)
+        out    = (probs . latent) W_uv                     (per head, never expanded per token)
+        Returns (B, T, H, v_dim).
+        """
+        B, T, H, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, nope, r), (H, v, r)
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-        scores = (torch.einsum("bthr,bsr->bhts", q_latent, latent)
-                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+        q_latent = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)
+        q_latent = q_latent.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r)
+        query = torch.cat([q_latent, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim)
+        scores = torch.matmul(query, rows.transpose(1, 2)).mul_(self.scale)  # (B, T*H, S)
         if T > 1 or key_valid is not None:
             valid = key_valid if key_valid is not None else torch.ones(
-                latent.shape[:2], dtype=torch.bool, device=latent.device)
-            scores = scores.masked_fill(~attention_mask(valid, start, T)[:, None], float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)
-        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+                rows.shape[:2], dtype=torch.bool, device=rows.device)
+            allowed = attention_mask(valid, start, T)  # (B, T, S)
+            scores = scores.view(B, T, H, -1).masked_fill(~allowed[:, :, None], float("-inf")).view(B, T * H, -1)
+        probs = scores.float().softmax(dim=-1).to(rows.dtype)
+        out_latent = torch.matmul(probs, rows[..., :r])  # (B, T*H, r)
+        out_latent = out_latent.view(B * T, H, r).transpose(0, 1)  # (H, B*T, r)
+        out = torch.matmul(out_latent, w_uv.transpose(1, 2))  # (H, B*T, v)
+        return out.transpose(0, 1).reshape(B, T, H, self.v_dim)
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:

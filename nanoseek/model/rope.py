@@ -47,7 +47,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) of shape (T, rope_dim / 2) in fp32 for the given positions."""
+    """Produces the rotation e^{i * position * inv_freq} * amplitude as complex64 (..., T, rope_dim / 2)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,13 +55,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.amplitude = amplitude
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq.float()  # (..., T, rope_dim/2)
-        return angles.cos() * self.amplitude, angles.sin() * self.amplitude
+        return torch.polar(torch.full_like(angles, self.amplitude), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x: (..., T, d); cos/sin broadcastable to (..., T, d/2)."""
-    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim as complex numbers.
+
+    x: (..., T, d); freqs: complex, broadcastable to (..., T, d/2). Computed in fp32.
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)

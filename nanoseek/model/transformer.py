@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
                                                                           config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start=0, key_valid=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, key_valid)
+    def forward(self, x, freqs, cache=None, start=0, key_valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), freqs, cache, start, key_valid)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -56,10 +56,10 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)
         self.shared_head = SharedHead(config)
 
-    def forward(self, hidden, next_embeds, cos, sin, cache=None, start=0, key_valid=None):
+    def forward(self, hidden, next_embeds, freqs, cache=None, start=0, key_valid=None):
         """hidden, next_embeds: (B, T, D) -> (B, T, D) hidden state of this depth (before the head norm)."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.block(h, cos, sin, cache, start, key_valid)
+        return self.block(h, freqs, cache, start, key_valid)
 
 
 class Transformer(nn.Module):
@@ -101,10 +101,10 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache | None = None,
                       start: int = 0, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: (B or 1, T) -> final hidden states (B, T, D) before the output norm."""
-        cos, sin = self.rotary(positions)
+        freqs = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start, key_valid)
+            x = layer(x, freqs, cache, start, key_valid)
         return x
 
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
@@ -145,8 +145,8 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             positions = torch.arange(T - k, device=input_ids.device)[None]
-            cos, sin = self.rotary(positions)
-            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            freqs = self.rotary(positions)
+            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), freqs)
             out.append(self.lm_head(module.shared_head.norm(hidden)))
         return out
 
