@@ -130,6 +130,21 @@ def test_dropless_dispatch_equals_per_token_loop():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_small_batch_all_experts_path_equals_dispatch():
+    torch.manual_seed(1)
+    experts = RoutedExperts(8, 16, 8)
+    with torch.no_grad():
+        experts.gate_up.normal_(0, 0.3)
+        experts.down.normal_(0, 0.3)
+    x = torch.randn(5, 16)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(5)])
+    w = torch.rand(5, 3)
+    with torch.no_grad():
+        fast = experts(x, idx, w)  # 2 * 5 * 3 >= 8 experts: every expert at once
+    sorted_path = experts(x, idx, w)  # grad enabled: sorted dispatch
+    assert torch.allclose(fast, sorted_path, atol=1e-5)
+
+
 def test_sequence_aux_loss_by_hand():
     cfg = tiny(aux_loss_alpha=0.01)
     model = model_for(cfg).train()

@@ -93,6 +93,10 @@ class Gate(nn.Module):
         return grouped.masked_fill(mask[..., None], float("-inf")).view(N, -1)
 
 
+# Running every expert pays off only while all their weights are cheap to read (cache-resident).
+ALL_EXPERTS_MAX_BYTES = 16 * 2**20
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up (E, 2I, D) = [gate; up], down (E, D, I).
 
@@ -110,19 +114,42 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (N, D), indices/weights: (N, k) -> (N, D) = sum_k weight * expert_k(x)."""
         N, k = indices.shape
+        if not torch.is_grad_enabled() and 2 * N * k >= self.n_experts and self._bytes() <= ALL_EXPERTS_MAX_BYTES:
+            return self._all_experts(x, indices, weights)
         flat = indices.flatten()
-        order = flat.argsort(stable=True)
+        order = flat.argsort(stable=True)  # (N*k,) pair ids grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of = order // k
-        x_sorted = x[token_of]  # (N*k, D), one block per expert
+        x_sorted = x.index_select(0, order // k)  # (N*k, D); index_select's backward is a cheap index_add
+        if torch.is_grad_enabled():
+            # one UnbindBackward stacks all expert grads at once; indexing gate_up[e] would make every
+            # expert's backward write a zero-filled copy of the whole stacked tensor
+            gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
+        else:
+            gate_up, down = self.gate_up, self.down
         outs = []
         for block, e in zip(x_sorted.split(counts), range(self.n_experts)):
             if block.shape[0]:
-                gate, up = F.linear(block, self.gate_up[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, self.down[e]))
+                gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, down[e]))
         out = torch.cat(outs)  # no in-place writes: autograd keeps one small node per expert
-        out = out * weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        # back to (token, slot) order, then the weighted sum over the k slots
+        out = out.index_select(0, order.argsort()).view(N, k, -1)
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+    def _bytes(self) -> int:
+        return (self.gate_up.numel() + self.down.numel()) * self.gate_up.element_size()
+
+    def _all_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Small-batch inference: when most experts are hit anyway, run every expert in a dozen ops
+        (two matmuls over the stacked weights) instead of ~5 ops per expert; unselected experts get
+        weight 0. Same result as the sorted dispatch up to rounding."""
+        N, D = x.shape
+        E, I = self.n_experts, self.intermediate_size
+        h = F.linear(x, self.gate_up.view(E * 2 * I, D)).view(N, E, 2, I)
+        dense_w = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, indices, weights.to(x.dtype))
+        act = F.silu(h[:, :, 0]) * h[:, :, 1] * dense_w.unsqueeze(-1)  # (N, E, I), weighted
+        return torch.bmm(act.transpose(0, 1), self.down.transpose(1, 2)).sum(dim=0)  # (E, N, D) -> (N, D)
 
 
 class MoE(nn.Module):

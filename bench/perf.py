@@ -1,0 +1,239 @@
+"""nanoseek against transformers' DeepseekV3 on identical weights and inputs, in one process.
+
+For each config: train step (fwd + bwd + AdamW) tokens/s, prefill tokens/s, decode tokens/s at batch
+1 and 8 (through the public `nanoseek.generate` and transformers' `generate`, greedy, with a check that
+the tokens agree), an all-dense nanoseek model with the same activated parameters (the MoE overhead),
+int8 weight-only decoding, peak RSS per phase, KV-cache bytes per token and MFU against a measured
+fp32 matmul peak. Prints a table and writes bench/results/perf.json.
+
+    .venv/bin/python bench/perf.py [--configs bench-8m bench-192m] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nanoseek  # noqa: E402
+from nanoseek import ModelConfig, Transformer, generate, save_model  # noqa: E402
+from nanoseek.model.moe import MLP, MoE  # noqa: E402
+from nanoseek.params import count_parameters  # noqa: E402
+
+warnings.simplefilter("ignore")
+
+
+# ---- measurement helpers --------------------------------------------------------------------------
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_peak(n: int = 1024, seconds: float = 1.0) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def dense_twin(model: Transformer) -> Transformer:
+    """Same model with each MoE replaced by one dense SwiGLU MLP of the activated width."""
+    cfg = model.config
+    width = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    twin = Transformer(cfg)
+    for layer in list(twin.layers) + [m.block for m in twin.mtp]:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp = MLP(cfg.hidden_size, width)
+            for p in layer.mlp.parameters():
+                torch.nn.init.normal_(p, 0, cfg.initializer_range)
+    return twin
+
+
+def build(name: str, folder: Path):
+    cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    save_model(model, folder)
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model, hf
+
+
+# ---- phases ---------------------------------------------------------------------------------------
+def train_step_fn(model, batch, logits_of):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    targets = batch[:, 1:]
+
+    def step():
+        logits = logits_of(model, batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def ours_logits(model, x):
+    return model(x)
+
+
+def hf_logits(model, x):
+    return model(x).logits
+
+
+def phase(rows: dict, key: str, fn, tokens: int, repeats: int, warmup: int = 1):
+    reset_peak_rss()
+    sec = timed(fn, repeats, warmup)
+    rows[key] = {"tokens_per_s": tokens / sec, "seconds": sec, "peak_rss_mb": peak_rss_mb()}
+    return rows[key]
+
+
+def bench_config(name: str, quick: bool, peak: float) -> dict:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, hf = build(name, Path(tmp) / "m")
+    cfg = model.config
+    counts = count_parameters(cfg)
+    dense = dense_twin(model)
+    vocab = cfg.vocab_size
+    B, T = (8, 256)
+    batch = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    train_repeats = 2 if quick else 3
+    res: dict = {"config": name, "total_params": counts.total, "activated_params": counts.activated}
+    rows: dict = {}
+
+    # training
+    flops_per_token = 6 * (counts.activated + 0)  # matmul params; attention scores excluded
+    for label, m, fn in (("train nanoseek", model, ours_logits), ("train transformers", hf, hf_logits),
+                         ("train nanoseek dense twin", dense, ours_logits)):
+        r = phase(rows, label, train_step_fn(m, batch, fn), B * T, train_repeats)
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
+    model.eval(), hf.eval(), dense.eval()
+
+    # prefill 1 x 256
+    x = batch[:1, :T]
+    with torch.no_grad():
+        phase(rows, "prefill nanoseek", lambda: model(x), T, 3 if quick else 5)
+        phase(rows, "prefill transformers", lambda: hf(x), T, 3 if quick else 5)
+
+    # decode (greedy) at batch 1 and 8 from 32-token prompts
+    new = 32 if quick else 64
+    for bs in (1, 8):
+        prompts = batch[:bs, :32].tolist()
+        ids = torch.tensor(prompts)
+        ours_out = generate(model, prompts, max_new_tokens=new)
+        with torch.no_grad():
+            ref_out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[:, 32:].tolist()
+        res[f"greedy_identical_b{bs}"] = ours_out == ref_out
+        phase(rows, f"decode b{bs} nanoseek", lambda: generate(model, prompts, max_new_tokens=new),
+              bs * new, 2 if quick else 3)
+        with torch.no_grad():
+            phase(rows, f"decode b{bs} transformers",
+                  lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0), bs * new,
+                  2 if quick else 3)
+        phase(rows, f"decode b{bs} nanoseek dense twin", lambda: generate(dense, prompts, max_new_tokens=new),
+              bs * new, 2 if quick else 3)
+
+    res["rows"] = rows
+    res["kv_cache_bytes_per_token_fp32"] = {
+        "nanoseek_latent": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
+        "per_head_kv": cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4,
+    }
+    return res
+
+
+RATIOS = [
+    ("train", "train nanoseek", "train transformers"),
+    ("train MoE vs dense twin (time ratio)", "train nanoseek dense twin", "train nanoseek"),
+    ("prefill", "prefill nanoseek", "prefill transformers"),
+    ("decode b1", "decode b1 nanoseek", "decode b1 transformers"),
+    ("decode b8", "decode b8 nanoseek", "decode b8 transformers"),
+]
+
+
+def print_table(results: list[dict], peak: float):
+    print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, threads {torch.get_num_threads()}\n")
+    for res in results:
+        print(f"== {res['config']}: {res['total_params'] / 1e6:.1f}M total, "
+              f"{res['activated_params'] / 1e6:.1f}M activated")
+        print(f"{'phase':<34}{'tokens/s':>12}{'peak RSS MB':>14}{'MFU':>8}")
+        for key, r in res["rows"].items():
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+            print(f"{key:<34}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}{mfu:>8}")
+        print(f"{'ratio (nanoseek / reference)':<34}")
+        for label, a, b in RATIOS:
+            ratio = res["rows"][a]["tokens_per_s"] / res["rows"][b]["tokens_per_s"]
+            print(f"  {label:<40}{ratio:>8.2f}x")
+        kv = res["kv_cache_bytes_per_token_fp32"]
+        print(f"  KV cache bytes/token (fp32): latent {kv['nanoseek_latent']:,} vs per-head {kv['per_head_kv']:,}")
+        print(f"  greedy tokens identical to transformers: b1 {res['greedy_identical_b1']}, "
+              f"b8 {res['greedy_identical_b8']}\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["bench-8m", "bench-192m"])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    ap.add_argument("--out", default="bench/results/perf.json")
+    args = ap.parse_args()
+    peak = matmul_peak()
+    results = [bench_config(name, args.quick, peak) for name in args.configs]
+    for res in results:
+        res["ratios"] = {label: res["rows"][a]["tokens_per_s"] / res["rows"][b]["tokens_per_s"]
+                         for label, a, b in RATIOS}
+    print_table(results, peak)
+    meta = {"torch": torch.__version__, "nanoseek": nanoseek.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "matmul_peak_flops": peak,
+            "cpu_count": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
