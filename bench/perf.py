@@ -12,6 +12,7 @@ fp32 matmul peak. Prints a table and writes bench/results/perf.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
 from nanoseek import ModelConfig, Transformer, generate, save_model  # noqa: E402
+from nanoseek.infer.quant import quantize_int8  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
 
@@ -179,6 +181,18 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
         phase(rows, f"decode b{bs} nanoseek dense twin", lambda: generate(dense, prompts, max_new_tokens=new),
               bs * new, 2 if quick else 3)
 
+    # int8 weight-only decoding against our own fp32
+    qmodel = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        ref, got = model(x), qmodel(x)
+    res["int8_logit_error"] = {"max_abs": (got - ref).abs().max().item(),
+                               "mean_abs": (got - ref).abs().mean().item(),
+                               "mean_abs_fp32_logit": ref.abs().mean().item()}
+    for bs in (1, 8):
+        prompts = batch[:bs, :32].tolist()
+        phase(rows, f"decode b{bs} nanoseek int8", lambda: generate(qmodel, prompts, max_new_tokens=new),
+              bs * new, 2 if quick else 3)
+
     res["rows"] = rows
     res["kv_cache_bytes_per_token_fp32"] = {
         "nanoseek_latent": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
@@ -193,6 +207,8 @@ RATIOS = [
     ("prefill", "prefill nanoseek", "prefill transformers"),
     ("decode b1", "decode b1 nanoseek", "decode b1 transformers"),
     ("decode b8", "decode b8 nanoseek", "decode b8 transformers"),
+    ("decode b1 int8 vs our fp32", "decode b1 nanoseek int8", "decode b1 nanoseek"),
+    ("decode b8 int8 vs our fp32", "decode b8 nanoseek int8", "decode b8 nanoseek"),
 ]
 
 
@@ -211,6 +227,9 @@ def print_table(results: list[dict], peak: float):
             print(f"  {label:<40}{ratio:>8.2f}x")
         kv = res["kv_cache_bytes_per_token_fp32"]
         print(f"  KV cache bytes/token (fp32): latent {kv['nanoseek_latent']:,} vs per-head {kv['per_head_kv']:,}")
+        e = res["int8_logit_error"]
+        print(f"  int8 logit error vs fp32: max {e['max_abs']:.3g}, mean {e['mean_abs']:.3g} "
+              f"(mean |logit| {e['mean_abs_fp32_logit']:.3g})")
         print(f"  greedy tokens identical to transformers: b1 {res['greedy_identical_b1']}, "
               f"b8 {res['greedy_identical_b8']}\n")
 
