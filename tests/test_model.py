@@ -203,3 +203,21 @@ def test_bad_input_shape():
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(4, dtype=torch.long))
+
+
+def test_packed_segments_equal_separate_sequences():
+    cfg = tiny()
+    model = model_for(cfg)
+    a = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    b = torch.randint(0, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 10 + [1] * 7])
+    positions = torch.tensor([list(range(10)) + list(range(7))])
+    with torch.no_grad():
+        got, got_mtp = model(packed, positions=positions, segment_ids=segments, return_mtp=True)
+        ref_a, mtp_a = model(a, return_mtp=True)
+        ref_b, mtp_b = model(b, return_mtp=True)
+    assert torch.allclose(got[:, :10], ref_a, atol=1e-5)
+    assert torch.allclose(got[:, 10:], ref_b, atol=1e-5)
+    # MTP depth 1 at position i uses token i+1: rows inside segment a (i < 9) match a alone
+    assert torch.allclose(got_mtp[0][:, :9], mtp_a[0], atol=1e-5)

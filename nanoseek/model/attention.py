@@ -64,26 +64,26 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(latent), apply_rope(k_pe, freqs)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: LatentCache | None = None, start: int = 0,
-                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D); freqs: complex (B or 1, T, rope/2) for these tokens' positions.
 
-        With a cache, the tokens occupy cache slots start..start+T. key_valid: (B, S) bool, False for
-        padding keys (S = T without a cache, start + T with one); None when nothing is padding.
+        With a cache, the tokens occupy cache slots start..start+T. mask: (B, T, S) bool, True where
+        query t may attend key s (S = T without a cache, start + T with one); None means causal.
         """
         q_nope, q_pe = self.project_query(x, freqs)
         latent, k_pe = self.compress_kv(x, freqs)
         if cache is None:
-            out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
+            out = self._full(q_nope, q_pe, latent, k_pe, mask)
         else:
             rows = cache.write(self.layer_idx, start, latent, k_pe)
             if start == 0:  # prefill: the whole context is new, the full path is cheaper
-                out = self._full(q_nope, q_pe, latent, k_pe, key_valid)
+                out = self._full(q_nope, q_pe, latent, k_pe, mask)
             else:
-                out = self._absorbed(q_nope, q_pe, rows, start, key_valid)
+                out = self._absorbed(q_nope, q_pe, rows, mask)
         return self.o_proj(out.flatten(2))
 
-    def _full(self, q_nope, q_pe, latent, k_pe, key_valid=None) -> torch.Tensor:
-        """Causal attention over T new tokens. Returns (B, T, H, v_dim)."""
+    def _full(self, q_nope, q_pe, latent, k_pe, mask=None) -> torch.Tensor:
+        """Attention among T new tokens (causal unless `mask` says otherwise). Returns (B, T, H, v_dim)."""
         B, T = latent.shape[:2]
         kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -91,19 +91,19 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         if self.v_dim < self.qk_dim:  # fused SDPA kernels want equal head dims: pad v, slice the output
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        if key_valid is None:
+        if mask is None:
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         else:
-            mask = attention_mask(key_valid, 0, T)[:, None]  # (B, 1, T, T)
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None],
+                                                 scale=self.scale)
         return out.transpose(1, 2)[..., : self.v_dim]
 
-    def _absorbed(self, q_nope, q_pe, rows, start: int, key_valid=None) -> torch.Tensor:
-        """T new queries in slots start.. against the S = start + T cached rows (B, S, r + rope).
+    def _absorbed(self, q_nope, q_pe, rows, mask=None) -> torch.Tensor:
+        """T new queries against the S cached rows (B, S, r + rope) that end with them.
 
         scores = [q_nope W_uk ; q_pe] . [latent ; k_pe]  (one matmul against the cache rows)
         out    = (probs . latent) W_uv                     (per head, never expanded per token)
-        Returns (B, T, H, v_dim).
+        Returns (B, T, H, v_dim). mask None: every cached row is visible (a single new token).
         """
         B, T, H, _ = q_nope.shape
         r = self.kv_lora_rank
@@ -113,11 +113,8 @@ class MLA(nn.Module):
         q_latent = q_latent.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r)
         query = torch.cat([q_latent, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim)
         scores = torch.matmul(query, rows.transpose(1, 2)).mul_(self.scale)  # (B, T*H, S)
-        if T > 1 or key_valid is not None:
-            valid = key_valid if key_valid is not None else torch.ones(
-                rows.shape[:2], dtype=torch.bool, device=rows.device)
-            allowed = attention_mask(valid, start, T)  # (B, T, S)
-            scores = scores.view(B, T, H, -1).masked_fill(~allowed[:, :, None], float("-inf")).view(B, T * H, -1)
+        if mask is not None:
+            scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, T * H, -1)
         probs = scores.float().softmax(dim=-1).to(rows.dtype)
         out_latent = torch.matmul(probs, rows[..., :r])  # (B, T*H, r)
         out_latent = out_latent.view(B * T, H, r).transpose(0, 1)  # (H, B*T, r)
@@ -126,11 +123,18 @@ class MLA(nn.Module):
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
-    """(B, T, S) bool: query t (slot start + t) sees valid keys up to itself, and always itself,
-    so a padding query never has an empty row (its output is unused)."""
+    """key_valid (B, S) -> (B, T, S) bool: query t (slot start + t) sees valid keys up to itself, and
+    always itself, so a padding query never has an empty row (its output is unused)."""
     S = key_valid.shape[1]
     slots = torch.arange(S, device=key_valid.device)
     query_slots = start + torch.arange(T, device=key_valid.device)
     causal = slots[None, :] <= query_slots[:, None]  # (T, S)
     own = slots[None, :] == query_slots[:, None]
     return (causal[None] & key_valid[:, None, :]) | own[None]
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids (B, T) -> (B, T, T) bool: causal within each packed example, never across."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal

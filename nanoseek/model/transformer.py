@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import MLA
+from .attention import MLA, segment_mask
+from .attention import attention_mask as attention_mask_for
 from .cache import LatentCache
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -28,8 +29,8 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
                                                                           config.intermediate_size)
 
-    def forward(self, x, freqs, cache=None, start=0, key_valid=None):
-        x = x + self.self_attn(self.input_layernorm(x), freqs, cache, start, key_valid)
+    def forward(self, x, freqs, cache=None, start=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), freqs, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -56,10 +57,10 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)
         self.shared_head = SharedHead(config)
 
-    def forward(self, hidden, next_embeds, freqs, cache=None, start=0, key_valid=None):
+    def forward(self, hidden, next_embeds, freqs, cache=None, start=0, mask=None):
         """hidden, next_embeds: (B, T, D) -> (B, T, D) hidden state of this depth (before the head norm)."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.block(h, freqs, cache, start, key_valid)
+        return self.block(h, freqs, cache, start, mask)
 
 
 class Transformer(nn.Module):
@@ -99,24 +100,25 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.gate.e_score_correction_bias)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache | None = None,
-                      start: int = 0, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                      start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: (B or 1, T) -> final hidden states (B, T, D) before the output norm."""
         freqs = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, freqs, cache, start, key_valid)
+            x = layer(x, freqs, cache, start, mask)
         return x
 
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                return_mtp: bool = False):
+                segment_ids: torch.Tensor | None = None, return_mtp: bool = False):
         """Logits (B, T, vocab).
 
         cache: tokens go into cache slots start..start+T (default start = cache.length) and the cache
         advances by T. positions: (B, T) rotary positions (default: the slot numbers); pass them for
-        left-padded batches. attention_mask: (B, T) 1 for real tokens, 0 for padding (remembered by
-        the cache for later steps). return_mtp: also a list of MTP logits, depth k giving
-        (B, T - k, vocab) where position i predicts token i + k + 1.
+        left-padded or packed batches. attention_mask: (B, T) 1 for real tokens, 0 for padding
+        (remembered by the cache for later steps). segment_ids: (B, T) packed examples (no cache):
+        tokens attend only within their segment. return_mtp: also a list of MTP logits, depth k
+        giving (B, T - k, vocab) where position i predicts token i + k + 1.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -125,28 +127,45 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        if cache is not None:
-            key_valid = cache.mark(start, attention_mask, T)
-        else:
-            key_valid = None if attention_mask is None else attention_mask.bool()
-        h = self.hidden_states(input_ids, positions, cache, start, key_valid)
+        mask = self._mask(T, cache, start, attention_mask, segment_ids)
+        h = self.hidden_states(input_ids, positions, cache, start, mask)
         logits = self.lm_head(self.norm(h))
         if cache is not None:
             cache.length = start + T
         if not return_mtp:
             return logits
-        return logits, self.mtp_logits(h, input_ids)
+        return logits, self.mtp_logits(h, input_ids, positions, segment_ids)
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    @staticmethod
+    def _mask(T, cache, start, attention_mask, segment_ids) -> torch.Tensor | None:
+        """(B, T, S) attention mask shared by all layers, or None for plain causal attention."""
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for packed training batches, not with a cache")
+            return segment_mask(segment_ids)
+        if cache is not None:
+            key_valid = cache.mark(start, attention_mask, T)
+            if key_valid is None and (T == 1 or start == 0):
+                return None
+            if key_valid is None:
+                key_valid = cache.valid[:, : start + T]
+            return attention_mask_for(key_valid, start, T)
+        if attention_mask is not None:
+            return attention_mask_for(attention_mask.bool(), 0, T)
+        return None
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Sequential MTP over a full sequence (training): depth k sees tokens shifted by k."""
         out = []
         T = input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
-            positions = torch.arange(T - k, device=input_ids.device)[None]
-            freqs = self.rotary(positions)
-            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), freqs)
+            pos = positions[:, : T - k] if positions is not None and positions.shape[1] == T else \
+                torch.arange(T - k, device=input_ids.device)[None]
+            mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
+            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), self.rotary(pos), mask=mask)
             out.append(self.lm_head(module.shared_head.norm(hidden)))
         return out
 
