@@ -1,0 +1,262 @@
+"""Pieces every training loop shares: optimizer, schedule, losses, DeepSeek's balancing, metrics
+logging, and checkpoints that resume bit for bit (safetensors + JSON, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_model, save_model
+from ..errors import CheckpointError
+from ..model import Transformer
+from .recipe import TrainRecipe
+
+STATE_FILE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+# ---- optimizer and schedule --------------------------------------------------------------------
+def build_optimizer(model: Transformer, recipe: TrainRecipe) -> torch.optim.AdamW:
+    """AdamW; matrices (and stacked experts) decay, norms, biases and embeddings do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps,
+                             foreach=True)
+
+
+def lr_at(step: int, recipe: TrainRecipe) -> float:
+    """Linear warmup, then cosine to lr * min_lr_ratio, WSD (constant, then a linear decay over the last
+    wsd_decay_fraction of steps), or constant."""
+    peak, floor = recipe.lr, recipe.lr * recipe.min_lr_ratio
+    if step < recipe.warmup_steps:
+        return peak * (step + 1) / recipe.warmup_steps
+    if recipe.schedule == "constant":
+        return peak
+    total = max(recipe.max_steps - recipe.warmup_steps, 1)
+    done = min((step - recipe.warmup_steps) / total, 1.0)
+    if recipe.schedule == "cosine":
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * done))
+    decay_start = 1.0 - recipe.wsd_decay_fraction
+    if done <= decay_start:
+        return peak
+    return peak + (floor - peak) * (done - decay_start) / max(recipe.wsd_decay_fraction, 1e-9)
+
+
+# ---- losses ------------------------------------------------------------------------------------
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over positions where mask is True. logits (B, T, V), targets/mask (B, T)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    m = mask.flatten().to(losses.dtype)
+    return (losses * m).sum() / m.sum().clamp(min=1)
+
+
+def training_loss(model: Transformer, batch, recipe: TrainRecipe) -> tuple[torch.Tensor, dict]:
+    """CE on the targets + lambda * mean MTP CE + sequence aux loss. Returns (loss, parts as floats)."""
+    packed = recipe.mode == "sft"
+    want_mtp = recipe.mtp_loss_weight > 0 and len(model.mtp) > 0
+    out = model(batch.inputs, positions=batch.input_positions if packed else None,
+                segment_ids=batch.input_segments if packed else None, return_mtp=want_mtp)
+    logits, mtp = (out if want_mtp else (out, []))
+    ce = masked_cross_entropy(logits, batch.targets, batch.target_mask)
+    loss, parts = ce, {"loss": ce.item()}
+    if mtp:
+        mtp_losses = []
+        for k, mtp_logits in enumerate(mtp, start=1):
+            T_k = mtp_logits.shape[1]
+            mask = batch.target_mask[:, k:]
+            if packed:  # the predicted token must belong to the same example as position i
+                mask = mask & (batch.segment_ids[:, :T_k] == batch.segment_ids[:, k + 1:])
+            mtp_losses.append(masked_cross_entropy(mtp_logits, batch.targets[:, k:], mask))
+        mtp_loss = torch.stack(mtp_losses).mean()
+        loss = loss + recipe.mtp_loss_weight * mtp_loss
+        parts["mtp_loss"] = mtp_loss.item()
+    aux = model.aux_loss()
+    if aux is not None:
+        loss = loss + aux
+        parts["aux_loss"] = aux.item()
+    return loss, parts
+
+
+# ---- DeepSeek's auxiliary-loss-free balancing --------------------------------------------------
+def expert_loads(model: Transformer) -> list[torch.Tensor]:
+    return [m.expert_load.clone() for m in model.moe_layers() if m.expert_load is not None]
+
+
+@torch.no_grad()
+def update_routing_bias(model: Transformer, loads: list[torch.Tensor], gamma: float) -> None:
+    """DeepSeek-V3 Sec. 2.1.2: bias -= gamma for overloaded experts, += gamma for underloaded ones."""
+    if gamma <= 0:
+        return
+    for moe, load in zip(model.moe_layers(), loads):
+        bias = moe.gate.e_score_correction_bias
+        if bias is None:
+            continue
+        load = load.float()
+        bias += gamma * torch.sign(load.mean() - load)
+
+
+def load_balance(loads: list[torch.Tensor]) -> list[float]:
+    """max / mean tokens per expert for each MoE layer (1.0 is perfectly balanced)."""
+    return [(l.max() / l.float().mean().clamp(min=1e-9)).item() for l in loads]
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+class MetricsLogger:
+    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = open(self.path, "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard not installed: JSONL only
+            pass
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = row.get("step", 0)
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: training (and validation, MTP) loss against step."""
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    mtp = [(r["step"], r["mtp_loss"]) for r in rows if "mtp_loss" in r]
+    if mtp:
+        ax.plot(*zip(*mtp), label="MTP loss (depth 1)", lw=1, alpha=0.7)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    state: dict, keep_last: int, tokenizer_dir: str | None = None) -> Path:
+    """checkpoints/step-NNNNNNN/{model/, optimizer.safetensors, trainer.json}, via a temp folder and a
+    rename; then keep only the last `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, tmp / "model")
+        if tokenizer_dir:
+            copy_tokenizer(tokenizer_dir, tmp / "model")
+        tensors, groups = _flatten_optimizer(optimizer)
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file({f"rng.{k}": v for k, v in rng.items()}, tmp / "rng.safetensors")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").exists() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(ckpt: Path, optimizer_for, device) -> tuple[Transformer, torch.optim.Optimizer, dict]:
+    """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint."""
+    for name in ("model", OPTIMIZER_FILE, STATE_FILE, "rng.safetensors"):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
+    model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
+    optimizer = optimizer_for(model)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    _restore_optimizer(optimizer, load_file(ckpt / OPTIMIZER_FILE, device=str(device)), state["param_groups"])
+    rng = load_file(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
+    return model, optimizer, state
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for g in groups:  # JSON turned tuples into lists
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, model_dir: Path) -> None:
+    """Put the tokenizer files beside the weights, so the model folder is self-contained."""
+    src = Path(tokenizer_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, model_dir / name)

@@ -1,0 +1,193 @@
+"""Training recipes: one flat dataclass, read from TOML or YAML, every field overridable by name.
+
+    out = "runs/shakespeare"       # run folder
+    data = "data/shakespeare"      # a folder written by `nanoseek data prepare`
+    preset = "small"               # or config = "path/config.json", or init_from = "a/model/folder"
+    [model]                        # optional ModelConfig overrides
+    num_hidden_layers = 4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+MODES = ("pretrain", "sft")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class TrainRecipe:
+    out: str = "runs/run"
+    data: str = ""
+    mode: str = "pretrain"  # sft: whole examples per row, attention kept inside each example
+    # model: exactly one of preset / config / init_from (init_from loads weights, e.g. for SFT)
+    preset: str | None = None
+    config: str | None = None
+    init_from: str | None = None
+    model: dict = field(default_factory=dict)  # ModelConfig overrides (new models only)
+    tokenizer: str | None = None  # copied into the model folder; used for samples
+    seed: int = 0
+    # batch: batch_size x seq_len tokens per micro-batch, grad_accum micro-batches per step
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 100
+    # AdamW and schedule
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    wsd_decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # DeepSeek balancing and MTP (0 switches each off)
+    bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
+    aux_loss_alpha: float = 0.0001  # sequence-wise auxiliary loss
+    mtp_loss_weight: float = 0.3  # lambda
+    # evaluation, samples, logging, checkpoints
+    eval_every: int = 50
+    eval_batches: int = 8
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 48
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+    resume: bool = False
+    device: str = "auto"  # auto: cuda if available, else cpu
+    usd_per_hour: float = 2.0
+    progress: bool = True
+
+    def validate(self, source: str | None = None) -> "TrainRecipe":
+        where = f" in {source}" if source else ""
+
+        def bad(name: str, why: str):
+            raise ConfigError(f"invalid recipe field '{name}'{where}: {why} (got {getattr(self, name)!r})")
+
+        if self.mode not in MODES:
+            bad("mode", f"must be one of {MODES}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {SCHEDULES}")
+        sources = [n for n in ("preset", "config", "init_from") if getattr(self, n)]
+        if len(sources) != 1:
+            raise ConfigError(f"recipe{where} must set exactly one of preset, config, init_from "
+                              f"(got {sources or 'none'})")
+        if not self.data:
+            bad("data", "a prepared data folder is required")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "keep_last",
+                     "eval_batches"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                bad(name, "must be non-negative")
+        if not self.lr > 0:
+            bad("lr", "must be positive")
+        for name in ("min_lr_ratio", "wsd_decay_fraction", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip", "bias_update_speed", "aux_loss_alpha", "mtp_loss_weight",
+                     "usd_per_hour"):
+            if getattr(self, name) < 0:
+                bad(name, "must be non-negative")
+        return self
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainRecipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainRecipe)}
+
+
+def _coerce(name: str, value: Any, kind, where: str) -> Any:
+    """Check (and from strings, convert) a value to the field's type; ConfigError names the field."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        kind = options[0]
+    if kind is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"recipe field '{name}'{where} must be a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"recipe field '{name}'{where} must be a table/mapping, got {value!r}")
+        return value
+    if isinstance(value, str) and kind is not str:
+        if kind is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        else:
+            try:
+                return kind(float(value)) if kind is int and "e" in value.lower() else kind(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"recipe field '{name}'{where} must be {kind.__name__}, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"recipe field '{name}'{where} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except Exception as e:  # the parsers' own messages carry the line
+        raise ConfigError(f"cannot parse recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must hold a table/mapping of fields")
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainRecipe:
+    """Recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string)."""
+    types_ = _field_types()
+    values: dict[str, Any] = {}
+    layers = []
+    if path is not None:
+        layers.append((read_recipe_file(path), f" in {path}"))
+    if overrides:
+        layers.append((overrides, " on the command line"))
+    for data, where in layers:
+        for name, value in data.items():
+            if name not in types_:
+                raise ConfigError(f"unknown recipe field '{name}'{where}; known fields: {', '.join(types_)}")
+            values[name] = _coerce(name, value, types_[name], where)
+    return TrainRecipe(**values).validate(str(path) if path else None)
+
+
+def recipe_fields() -> dict[str, Any]:
+    """Field name -> type, for building command-line options."""
+    return _field_types()
