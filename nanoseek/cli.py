@@ -355,6 +355,21 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Commands of other areas live beside their code and register themselves with @command on import.
+COMMAND_MODULES = ("nanoseek.commands.infer", "nanoseek.commands.rl", "nanoseek.commands.dist",
+                   "nanoseek.commands.report")
+
+
+def _load_command_modules() -> None:
+    import importlib
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside an existing module
+                raise
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line too (exit code 2), like every other error."""
@@ -364,6 +379,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
     parser = Parser(prog="nanoseek", description="DeepSeek-style MoE models: "
                                      "define, train, teach to reason, serve and evaluate.")
     parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
