@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test clean browser
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,19 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+
+# Debian's chromium + chromedriver for tests/test_web.py. Never fails: without apt-get as root (or
+# when apt cannot install them) the browser test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: chromium and chromedriver are installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation >/dev/null) \
+		|| echo "browser: apt-get could not install chromium; tests/test_web.py will be skipped"; \
+	else \
+		echo "browser: no apt-get as root here; install chromium + chromedriver to run tests/test_web.py"; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,7 +18,7 @@ from typing import Callable
 from . import __version__
 from .config import PRESETS, ModelConfig
 from .errors import NanoseekError
-from .params import DTYPE_BYTES, count_parameters, kv_cache_size
+from .params import DTYPE_BYTES, PRECISIONS, count_parameters, kv_cache_size, training_memory
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -82,21 +82,70 @@ def _params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), metavar="DTYPE",
                         help="storage dtype of the KV cache: bf16 (default), fp16, fp32, fp8 or a torch name")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    train = parser.add_argument_group("training memory per GPU under FSDP2 + expert parallelism "
+                                      "(printed when --world-size is given)")
+    train.add_argument("--world-size", type=int, metavar="N", help="GPUs in the job (FSDP shards over all)")
+    train.add_argument("--ep", type=int, default=1, metavar="N",
+                       help="expert-parallel degree: GPUs a layer's routed experts are split over (default 1)")
+    train.add_argument("--tokens-per-gpu", type=int, default=4096, metavar="N",
+                       help="tokens in one GPU's micro-batch, for the activations (default 4096)")
+    train.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                       help="fp32 (what nanoseek train runs, default) or bf16 compute with fp32 master weights, "
+                            "gradients and Adam states")
+    train.add_argument("--recompute", action="store_true",
+                       help="activation checkpointing per block (keeps each block's input only)")
 
 
-@command("params", "count parameters (total, activated, MTP, on disk) and KV-cache bytes per token",
-         _params_arguments)
+@command("params", "count parameters (total, activated, MTP, on disk), KV-cache bytes per token and "
+         "per-GPU training memory", _params_arguments)
 def cmd_params(args: argparse.Namespace) -> int:
     """Print parameter counts and KV-cache sizes for a config; the model is built on meta (no memory)."""
     config = load_config(args)
     counts = count_parameters(config)
     cache = kv_cache_size(config, args.dtype)
+    memory = None
+    if args.world_size is not None:
+        memory = training_memory(config, args.world_size, args.ep, tokens_per_gpu=args.tokens_per_gpu,
+                                 precision=args.precision, recompute=args.recompute)
+    elif args.ep != 1:
+        raise NanoseekError("--ep needs --world-size (the number of GPUs)")
     if args.json:
-        print(json.dumps(_params_json(counts, cache, args.dtype), indent=2))
+        data = _params_json(counts, cache, args.dtype)
+        if memory is not None:
+            data["training_memory"] = memory.as_dict()
+        print(json.dumps(data, indent=2))
     else:
         name = args.preset or str(args.config)
-        print("\n".join(_params_table(name, config, counts, cache, args.dtype)))
+        lines = _params_table(name, config, counts, cache, args.dtype)
+        if memory is not None:
+            lines += [""] + _memory_table(config, memory)
+        print("\n".join(lines))
     return EXIT_OK
+
+
+def _memory_table(config, m) -> list[str]:
+    """Per-GPU training memory: sharded states, FSDP's transient gathers, activations."""
+    w, g, o, c = PRECISIONS[m.precision]
+    E = config.n_routed_experts
+    layout = (f"EP {m.ep}: {E // m.ep} routed experts per GPU per MoE layer, each sharded over "
+              f"{m.world_size // m.ep} GPU(s)" if m.ep > 1 else "no EP: every GPU all-gathers all "
+              f"{E} experts of a layer")
+    row = "  {:<58} {:>12}"
+    lines = [f"Training memory per GPU: FSDP2 over {m.world_size:,} GPUs, {layout}",
+             f"  {human(m.params)} trained parameters ({human(m.routed_params)} in routed experts), "
+             f"{m.precision}: {w}+{g}+{o} bytes/param sharded, compute copy {c} bytes/param",
+             row.format(f"weights ({w} B/param, 1/{m.world_size:,} of each)", human_bytes(m.weights)),
+             row.format(f"gradients ({g} B/param)", human_bytes(m.gradients)),
+             row.format(f"Adam m + v ({o} B/param)", human_bytes(m.optimizer)),
+             row.format("sharded states", human_bytes(m.sharded)),
+             row.format("all-gathered by FSDP (transient)", human_bytes(m.gathered)),
+             f"    the root unit ({human(m.root_unit_params)}) + 2 x the largest unit, {m.largest_unit} "
+             f"({human(m.largest_unit_params)}), + one unit's unsharded gradient",
+             row.format(f"activations ({m.tokens_per_gpu:,} tokens, "
+                        f"{'recompute per block' if m.recompute else 'no recompute'}; estimate)",
+                        human_bytes(m.activations)),
+             row.format("total (plan 10-20% more: allocator, kernel workspaces)", human_bytes(m.total))]
+    return lines
 
 
 COMPONENT_LABELS = {

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import ConfigError
 from .model import MoE, Transformer
 
 # Order of the per-component breakdown; "other" collects anything a future module adds.
@@ -190,3 +191,135 @@ def _persistent_buffers(model: Transformer) -> list[torch.Tensor]:
     """Buffers a checkpoint stores (non-persistent ones, such as RoPE frequencies, excluded)."""
     return [buf for module in model.modules() for name, buf in module.named_buffers(recurse=False)
             if buf is not None and name not in module._non_persistent_buffers_set]
+
+
+# ---- training memory per GPU under FSDP2 + expert parallelism -----------------------------------
+# Bytes per parameter: (sharded weights, sharded gradients, sharded Adam m + v, unsharded compute copy)
+PRECISIONS = {
+    "fp32": (4, 4, 8, 4),  # what `nanoseek train` runs: fp32 everywhere
+    "bf16": (4, 4, 8, 2),  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 master
+}
+FSDP_UNITS_IN_FLIGHT = 2  # block-level units gathered at once: the one computing and the one prefetched
+ROOT_UNIT = "root (embedding, head, norms, MTP projections)"
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Estimated bytes per GPU for training `config` on `world_size` GPUs with FSDP2 over all of them
+    and expert parallelism of degree `ep` (the layout of nanoseek.train.distributed.parallelize).
+
+    Sharded (persistent): every parameter, its gradient and its Adam m and v are split over the W
+    GPUs. With EP a GPU owns E/ep experts per MoE layer, sharded over the W/ep GPUs owning the same
+    experts: still 1/W of the routed-expert parameters, so EP does not change this part.
+    Transient: FSDP all-gathers a unit (a block's attention + gate + shared experts; a layer's routed
+    experts, E/ep of them with EP, all E without) for its forward and backward, `FSDP_UNITS_IN_FLIGHT`
+    at a time, while the root unit (embedding, head, MTP projections) stays gathered around them; and
+    it holds a unit's unsharded gradient until its reduce-scatter. This is where EP matters.
+    Activations: the large tensors saved for backward, for `tokens_per_gpu` tokens (see
+    `activation_bytes_per_token`), an estimate that ignores allocator fragmentation and kernel
+    workspaces: plan for 10-20% more.
+    """
+
+    world_size: int
+    ep: int
+    precision: str
+    tokens_per_gpu: int
+    recompute: bool
+    params: int  # trained parameters: main model + MTP modules
+    routed_params: int  # of which routed experts
+    root_unit_params: int  # embedding, head, final norm, MTP projections: gathered for the whole forward
+    largest_unit: str  # the largest other unit (a block without its experts, or a layer's experts)
+    largest_unit_params: int
+    weights: int  # bytes per GPU
+    gradients: int
+    optimizer: int
+    gathered: int  # transient all-gathered weights + one unit's unsharded gradient
+    activations: int
+
+    @property
+    def sharded(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.gathered + self.activations
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "sharded": self.sharded, "total": self.total}
+
+
+def training_memory(config: ModelConfig, world_size: int, ep: int = 1, *, tokens_per_gpu: int = 4096,
+                    precision: str = "fp32", recompute: bool = False) -> TrainingMemory:
+    """Per-GPU training memory under FSDP2 + EP (see TrainingMemory for what each figure holds)."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1 (got {world_size})")
+    if ep < 1 or world_size % ep:
+        raise ConfigError(f"expert-parallel degree {ep} must divide the world size {world_size}")
+    if ep > 1 and config.n_routed_experts % ep:
+        raise ConfigError(f"expert-parallel degree {ep} must divide n_routed_experts {config.n_routed_experts}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if tokens_per_gpu < 1:
+        raise ConfigError(f"tokens per GPU must be at least 1 (got {tokens_per_gpu})")
+    w_bytes, g_bytes, o_bytes, c_bytes = PRECISIONS[precision]
+    model = meta_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+    units = _fsdp_units(model, ep)
+    root = units.pop(ROOT_UNIT)
+    name, largest = max(units.items(), key=lambda kv: kv[1])
+    per_gpu = params / world_size
+    gathered = (root + FSDP_UNITS_IN_FLIGHT * largest) * c_bytes + max(root, largest) * g_bytes
+    return TrainingMemory(
+        world_size=world_size, ep=ep, precision=precision, tokens_per_gpu=tokens_per_gpu, recompute=recompute,
+        params=params, routed_params=routed, root_unit_params=root, largest_unit=name, largest_unit_params=largest,
+        weights=round(per_gpu * w_bytes), gradients=round(per_gpu * g_bytes), optimizer=round(per_gpu * o_bytes),
+        gathered=gathered,
+        activations=tokens_per_gpu * activation_bytes_per_token(config, c_bytes, recompute=recompute))
+
+
+def _fsdp_units(model: Transformer, ep: int) -> dict[str, int]:
+    """Parameters each FSDP unit all-gathers (as parallelize wraps the model), by a readable name."""
+    units: dict[str, int] = {}
+    blocks = [(f"layer {i}", b) for i, b in enumerate(model.layers)] + \
+             [(f"MTP block {k}", m.block) for k, m in enumerate(model.mtp)]
+    in_blocks = 0
+    for name, block in blocks:
+        n = sum(p.numel() for p in block.parameters())
+        in_blocks += n
+        if ep > 1 and isinstance(block.mlp, MoE):
+            experts = sum(p.numel() for p in block.mlp.experts.parameters())
+            units[f"{name} routed experts (1/{ep})"] = experts // ep
+            n -= experts
+        units[name] = n
+    units[ROOT_UNIT] = sum(p.numel() for p in model.parameters()) - in_blocks
+    return units
+
+
+def activation_bytes_per_token(config: ModelConfig, compute_bytes: int = 2, *, recompute: bool = False) -> int:
+    """Bytes saved for backward per token: every layer, the logits (+ fp32 log-softmax) and the MTP depths.
+
+    Per layer, the tensors a backward reads: block input and normed input; MLA's q latent and its norm,
+    q, the kv latent (+ rope key) and its norm, kv_b's output, q/k after RoPE, v and the attention
+    output; the FFN's input and normed input; a dense MLP's gate, up and product (3 I); a MoE layer's
+    fp32 router scores (E), per routed slot (top_k) the dispatched input, gate, up, product and output,
+    and the shared experts' 3 I. With `recompute` (activation checkpointing per block) only each
+    block's input is kept, plus one block recomputed at a time.
+    """
+    c = config
+    H, D = c.num_attention_heads, c.hidden_size
+    attn = 2 * D + (2 * c.q_lora_rank if c.q_lora_rank else 0) + H * c.qk_head_dim
+    attn += (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank + H * (c.qk_nope_head_dim + c.v_head_dim)
+    attn += 2 * H * c.qk_head_dim + H * c.v_head_dim + H * c.v_head_dim
+    dense = (2 * D + 3 * c.intermediate_size) * compute_bytes
+    I = c.moe_intermediate_size
+    moe = (2 * D + c.num_experts_per_tok * (2 * D + 3 * I) + c.n_shared_experts * 3 * I) * compute_bytes
+    moe += 4 * c.n_routed_experts
+    layers = [attn * compute_bytes + (moe if c.is_moe_layer(i) else dense) for i in range(c.num_hidden_layers)]
+    n_mtp = c.num_nextn_predict_layers
+    mtp_layer = (attn + 4 * D) * compute_bytes + moe  # + the eh_proj input [emb; h] and its norms
+    logits = (1 + n_mtp) * c.vocab_size * (compute_bytes + 4)
+    if not recompute:
+        return sum(layers) + n_mtp * mtp_layer + logits
+    kept = (len(layers) + n_mtp) * D * compute_bytes
+    return kept + max(layers + [mtp_layer] * n_mtp) + logits

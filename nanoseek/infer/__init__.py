@@ -1,5 +1,10 @@
-"""Inference: batched generation over the MLA latent cache."""
+"""Inference: the generation engine (continuous batching over the MLA latent cache, streaming text,
+speculative decoding with MTP), its scheduler thread, and `generate` for token ids."""
 
+from .engine import Engine, Request, RequestOutput
 from .generate import generate, sample_next
+from .sampling import SamplingParams
+from .text import ChatTokenizer, IncrementalDetokenizer, ReasoningSplitter, StopStrings, load_tokenizer
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["Engine", "Request", "RequestOutput", "SamplingParams", "generate", "sample_next", "ChatTokenizer",
+           "IncrementalDetokenizer", "ReasoningSplitter", "StopStrings", "load_tokenizer"]

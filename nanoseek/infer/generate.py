@@ -1,12 +1,14 @@
-"""Batched generation: left-padded prefill through the full MLA path, then one token per step through
-the absorbed path over a preallocated latent cache (no per-step reallocation, minimal Python per token).
+"""`nanoseek.generate`: batched generation of token ids (a static batch on the continuous-batching Engine),
+and `sample_next`, one sampling step over a batch of logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..model import LatentCache, Transformer
+from ..model import Transformer
+from .engine import Engine
+from .sampling import SamplingParams
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -41,56 +43,29 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens: int):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
-@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              eos_token_id: int | list[int] | None = None) -> list[list[int]]:
     """Generate up to max_new_tokens for each prompt (lists of token ids, any lengths).
 
     Returns the generated ids per prompt, ending at (and including) an eos token if one is produced.
-    Greedy when temperature is 0; otherwise temperature / top_k / top_p sampling from `seed`.
+    Greedy when temperature is 0; otherwise temperature / top_k / top_p sampling; with `seed`, the
+    batch draws from one generator seeded with it (the same call gives the same tokens).
+    Runs on `Engine`: one left-padded prefill, then one token per step over the latent cache.
     """
     cfg = model.config
     _check_prompts(prompts, cfg.vocab_size, max_new_tokens)
-    device = model.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, P, dtype=torch.long)
-    mask = torch.zeros(B, P, dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits in slot P-1
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    padded = not bool(mask.all())
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    eos_ids = torch.tensor(sorted(eos), device=device, dtype=torch.long)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
+    eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+    longest = max(len(p) for p in prompts)
+    engine = Engine(model, max_batch=len(prompts), max_model_len=longest + max_new_tokens + 1,
+                    prefill_chunk=sum(len(p) for p in prompts), eos_ids=())
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_token_ids=eos)
+    generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    cache = LatentCache(cfg, B, P + max_new_tokens, with_mtp=False, device=device, dtype=model.dtype)
-    logits = model(ids, cache=cache, positions=positions, attention_mask=mask if padded else None)[:, -1]
-    next_pos = positions[:, -1:] + 1
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = 0
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, top_k, generator)
-        out[:, step] = token
-        steps = step + 1
-        if len(eos_ids):
-            done |= torch.isin(token, eos_ids)
-            if bool(done.all()):
-                break
-        if step + 1 < max_new_tokens:
-            logits = model(token[:, None], cache=cache, positions=next_pos)[:, -1]
-            next_pos = next_pos + 1
-    model.train(was_training)
-    return [_cut_at_eos(row, eos) for row in out[:, :steps].tolist()]
-
-
-def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[: i + 1]
-    return row
+    try:
+        requests = engine.generate([list(p) for p in prompts], params, generator=generator)
+    finally:
+        model.train(was_training)
+    return [r.output_ids for r in requests]

@@ -55,30 +55,59 @@ def lr_at(step: int, recipe: TrainRecipe) -> float:
 
 
 # ---- losses ------------------------------------------------------------------------------------
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over positions where mask is True. logits (B, T, V), targets/mask (B, T)."""
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                         denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss over positions where mask is True. logits (B, T, V), targets/mask (B, T).
+    denominator: divide the summed loss by this instead of the local count (data parallel)."""
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     m = mask.flatten().to(losses.dtype)
-    return (losses * m).sum() / m.sum().clamp(min=1)
+    return (losses * m).sum() / (m.sum().clamp(min=1) if denominator is None else denominator)
 
 
-def training_loss(model: Transformer, batch, recipe: TrainRecipe) -> tuple[torch.Tensor, dict]:
-    """CE on the targets + lambda * mean MTP CE + sequence aux loss. Returns (loss, parts as floats)."""
+def mtp_depths(model: Transformer, recipe: TrainRecipe) -> int:
+    """How many MTP depths the loss uses (0 when the MTP loss is off or the model has none)."""
+    return len(model.mtp) if recipe.mtp_loss_weight > 0 else 0
+
+
+def loss_masks(batch, recipe: TrainRecipe, depths: int) -> list[torch.Tensor]:
+    """The targets each loss term counts: the main loss (B, T), then MTP depth k (B, T - k), where
+    position i predicts token i + k + 1 (in SFT, only within the same packed example)."""
+    masks = [batch.target_mask]
+    T = batch.target_mask.shape[1]
+    for k in range(1, depths + 1):
+        if T - k <= 0:
+            break
+        mask = batch.target_mask[:, k:]
+        if recipe.mode == "sft":
+            mask = mask & (batch.segment_ids[:, :T - k] == batch.segment_ids[:, k + 1:])
+        masks.append(mask)
+    return masks
+
+
+def global_denominators(masks: list[torch.Tensor], parallel) -> list[torch.Tensor]:
+    """Data parallel: each rank divides its summed loss by (targets in the global batch) / W, so the
+    mean over ranks that FSDP takes of the gradients is the gradient of the global-batch mean, exactly
+    what one process computes, also when ranks hold different numbers of targets (SFT masks)."""
+    counts = parallel.all_reduce_sum([torch.stack([m.sum() for m in masks])])[0]
+    return list(counts.clamp(min=1).float() / parallel.world_size)
+
+
+def training_loss(model: Transformer, batch, recipe: TrainRecipe,
+                  denominators: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """CE on the targets + lambda * mean MTP CE + sequence aux loss. Returns (loss, parts as floats).
+    denominators: per loss term (main, then MTP depths), see `global_denominators`."""
     packed = recipe.mode == "sft"
-    want_mtp = recipe.mtp_loss_weight > 0 and len(model.mtp) > 0
+    want_mtp = mtp_depths(model, recipe) > 0
+    masks = loss_masks(batch, recipe, mtp_depths(model, recipe))
+    den = denominators or [None] * len(masks)
     out = model(batch.inputs, positions=batch.input_positions if packed else None,
                 segment_ids=batch.input_segments if packed else None, return_mtp=want_mtp)
     logits, mtp = (out if want_mtp else (out, []))
-    ce = masked_cross_entropy(logits, batch.targets, batch.target_mask)
+    ce = masked_cross_entropy(logits, batch.targets, masks[0], den[0])
     loss, parts = ce, {"loss": ce.item()}
     if mtp:
-        mtp_losses = []
-        for k, mtp_logits in enumerate(mtp, start=1):
-            T_k = mtp_logits.shape[1]
-            mask = batch.target_mask[:, k:]
-            if packed:  # the predicted token must belong to the same example as position i
-                mask = mask & (batch.segment_ids[:, :T_k] == batch.segment_ids[:, k + 1:])
-            mtp_losses.append(masked_cross_entropy(mtp_logits, batch.targets[:, k:], mask))
+        mtp_losses = [masked_cross_entropy(mtp_logits, batch.targets[:, k:], masks[k], den[k])
+                      for k, mtp_logits in enumerate(mtp, start=1)]
         mtp_loss = torch.stack(mtp_losses).mean()
         loss = loss + recipe.mtp_loss_weight * mtp_loss
         parts["mtp_loss"] = mtp_loss.item()
@@ -180,12 +209,33 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int, tokenizer_dir: str | None = None) -> Path:
+                    state: dict, keep_last: int, tokenizer_dir: str | None = None, *, parallel=None) -> Path:
     """checkpoints/step-NNNNNNN/{model/, optimizer.safetensors, trainer.json}, via a temp folder and a
-    rename; then keep only the last `keep_last`."""
+    rename; then keep only the last `keep_last`.
+
+    parallel (a distributed.Parallel): every rank calls this; the full tensors are gathered to rank 0,
+    which writes the same files a single process would; the others wait for it."""
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    if parallel is None:
+        tensors, groups = _flatten_optimizer(optimizer)
+    else:
+        from .distributed import gather_model, gather_optimizer
+        tensors, groups = gather_optimizer(optimizer, model, parallel), _optimizer_groups(optimizer)
+        model = gather_model(model, parallel)  # a plain copy on rank 0, None elsewhere
+        if not parallel.is_main:
+            parallel.barrier()
+            return final
+    try:
+        _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir)
+    finally:
+        if parallel is not None:
+            parallel.barrier()
+    return final
+
+
+def _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir) -> None:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -193,7 +243,6 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
         save_model(model, tmp / "model")
         if tokenizer_dir:
             copy_tokenizer(tokenizer_dir, tmp / "model")
-        tensors, groups = _flatten_optimizer(optimizer)
         save_file(tensors, tmp / OPTIMIZER_FILE)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -208,7 +257,6 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
         raise
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -216,15 +264,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(ckpt: Path, optimizer_for, device) -> tuple[Transformer, torch.optim.Optimizer, dict]:
-    """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint."""
+def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel=None
+                    ) -> tuple[Transformer, torch.optim.Optimizer, dict]:
+    """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint.
+
+    parallel: every rank reads the full checkpoint, then the model is parallelized and each rank keeps
+    its shards of weights and optimizer state; the world size may differ from the saving run's."""
     for name in ("model", OPTIMIZER_FILE, STATE_FILE, "rng.safetensors"):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
     model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
+    if parallel is not None:
+        from .distributed import parallelize
+        model = parallelize(model, parallel)
     optimizer = optimizer_for(model)
     state = json.loads((ckpt / STATE_FILE).read_text())
-    _restore_optimizer(optimizer, load_file(ckpt / OPTIMIZER_FILE, device=str(device)), state["param_groups"])
+    tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
+    if parallel is not None:
+        from .distributed import shard_optimizer_state
+        tensors = shard_optimizer_state(optimizer, model, parallel, tensors)
+    _restore_optimizer(optimizer, tensors, state["param_groups"])
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["rng.torch"])
     if "rng.cuda" in rng and torch.cuda.is_available():
@@ -239,8 +298,12 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
         for key, value in pstate.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
+    return tensors, _optimizer_groups(optimizer)
+
+
+def _optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Hyperparameters of each group, parameters as indices (JSON-able)."""
+    return [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: list) -> None:

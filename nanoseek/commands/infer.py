@@ -1,0 +1,132 @@
+"""`nanoseek chat` (terminal chat) and `nanoseek serve` (OpenAI/DeepSeek-compatible HTTP server)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..cli import EXIT_OK, command
+from ..errors import NanoseekError
+
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, metavar="PATH", help="an HF-format model folder with tokenizer files")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weights dtype (default: as stored; FP8 checkpoints become bf16)")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="context length: prompt + reply tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the model's MTP head (same output, fewer steps)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--policy", type=Path, metavar="FILE", help="content policy YAML (default: no policy)")
+    p.add_argument("--audit", type=Path, metavar="FILE",
+                   help="audit log (JSONL) of policy decisions (default: the policy file's 'audit' entry)")
+
+
+def _setup(args, max_batch: int):
+    import torch
+
+    from ..serve import Policy, load_engine
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise NanoseekError("--max-model-len must be at least 2")
+    policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
+    dtype = DTYPES[args.dtype]
+    engine, tokenizer = load_engine(args.path, max_batch=max_batch, max_model_len=args.max_model_len,
+                                    speculative=args.speculative, device=args.device,
+                                    dtype=getattr(torch, dtype) if dtype else None)
+    return engine, tokenizer, policy
+
+
+# ---- nanoseek chat -------------------------------------------------------------------------------
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6, R1's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="reply tokens at most (default 1024)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
+    p.add_argument("--no-color", action="store_true", help="plain text (also when NO_COLOR is set or not a tty)")
+
+
+@command("chat", "chat with a model in the terminal (streaming, thinking shown dimmed; /help for commands)",
+         _chat_arguments)
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..serve.chat import TerminalChat
+    engine, tokenizer, policy = _setup(args, max_batch=1)
+    color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    chat = TerminalChat(engine, tokenizer, policy=policy, temperature=args.temperature, top_p=args.top_p,
+                        max_tokens=args.max_tokens, system=args.system, seed=args.seed, color=color,
+                        name=args.path.resolve().name)
+    chat.run(sys.stdin, sys.stdout)
+    return EXIT_OK
+
+
+# ---- nanoseek serve ------------------------------------------------------------------------------
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued beyond the batch before answering 503 (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: context length)")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="max_tokens of chat requests that give none (default 512)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: context length - 1)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-messages", type=int, default=256, help="most messages per chat request (default 256)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices per request (default 8)")
+    p.add_argument("--rate-limit", type=int, default=0, metavar="RPM",
+                   help="requests per minute per client (API key or address); 0: unlimited (default)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step, so long prompts don't stall decoding (default 512)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+@command("serve", "serve a model over an OpenAI/DeepSeek-compatible HTTP API with a web chat page",
+         _serve_arguments)
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    import uvicorn
+
+    from ..infer.scheduler import Scheduler
+    from ..serve import Policy, ServerConfig, create_app, load_engine
+    for name in ("max_batch", "max_waiting", "default_max_tokens", "max_body_bytes", "max_messages", "max_n",
+                 "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
+    dtype = DTYPES[args.dtype]
+    engine, tokenizer = load_engine(args.path, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                                    speculative=args.speculative, prefill_chunk=args.prefill_chunk,
+                                    device=args.device, dtype=getattr(torch, dtype) if dtype else None)
+    config = ServerConfig(model_name=args.served_model_name or args.path.resolve().name, api_key=args.api_key,
+                          max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                          max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                          default_max_tokens=args.default_max_tokens, max_n=args.max_n, rate_limit=args.rate_limit)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    scheduler = Scheduler(engine, max_waiting=args.max_waiting)
+    app = create_app(scheduler, tokenizer, config, policy)
+    print(f"serving {config.model_name} (context {engine.max_model_len}, batch {engine.max_batch}"
+          f"{', speculative' if args.speculative else ''}{', policy ' + str(args.policy) if policy else ''}) "
+          f"on http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        scheduler.shutdown()
+    return EXIT_OK

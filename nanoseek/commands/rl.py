@@ -1,0 +1,183 @@
+"""Reasoning commands: `nanoseek tasks`, `nanoseek grpo`, `nanoseek distill`, `nanoseek eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli import EXIT_OK, command
+from ..errors import ConfigError
+
+
+def _threads(value: int) -> None:
+    if value:
+        import torch
+        torch.set_num_threads(value)
+
+
+# ---- nanoseek tasks --------------------------------------------------------------------------------
+def _tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tasks_action", metavar="<action>", required=True)
+    sub.add_parser("list", help="the registered tasks", description="the registered tasks")
+    show = sub.add_parser("show", help="a few problems with the solver's reply",
+                          description="a few problems of a task with the solver's step-by-step reply")
+    show.add_argument("task")
+    show.add_argument("--n", type=int, default=2)
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--split", default="train", choices=("train", "test"))
+    write = sub.add_parser("write", help="solver traces as chat JSONL (cold-start SFT data)",
+                           description="write n solver-trace conversations as chat JSONL, the input of "
+                                       "`nanoseek data prepare --format chat`")
+    write.add_argument("task")
+    write.add_argument("--n", type=int, required=True, help="number of problems")
+    write.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--split", default="train", choices=("train", "test"))
+    write.add_argument("--difficulty", type=int, help="a fixed difficulty level (default: the task's mix)")
+
+
+@command("tasks", "reasoning tasks: list them, show solver traces, write cold-start chat JSONL", _tasks_arguments)
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ..tasks import TASKS, get_task, write_chat_jsonl
+    if args.tasks_action == "list":
+        for name, task in TASKS.items():
+            print(f"{name:<20} {task.description}")
+        return EXIT_OK
+    task = get_task(args.task)
+    if args.tasks_action == "show":
+        for p in task.generate(args.n, seed=args.seed, split=args.split):
+            print(f"user: {p.prompt}\nassistant: <think>\n{task.completion(p)}\n")
+        return EXIT_OK
+    path = write_chat_jsonl(task, args.out, args.n, seed=args.seed, split=args.split, difficulty=args.difficulty)
+    print(f"{args.n:,} {task.name} {args.split} conversations -> {path}")
+    return EXIT_OK
+
+
+# ---- nanoseek grpo ---------------------------------------------------------------------------------
+def _grpo_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.grpo import grpo_recipe_fields
+    parser.add_argument("--recipe", type=Path, metavar="FILE", help="a TOML or YAML GRPO recipe")
+    group = parser.add_argument_group("recipe fields (each overrides the recipe file)")
+    for name, kind in grpo_recipe_fields().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
+                           help=f"({getattr(kind, '__name__', str(kind))})")
+
+
+@command("grpo", "reinforcement learning with verifiable rewards (GRPO / DAPO / Dr. GRPO) on a task",
+         _grpo_arguments)
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from ..train.grpo import grpo, load_grpo_recipe
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    summary = grpo(load_grpo_recipe(args.recipe, overrides))
+    how = {"signal": "stopped by a signal at", "max_seconds": "reached max_seconds at"}.get(summary["stopped_by"],
+                                                                                              "finished at")
+    print(f"{how} step {summary['step']} ({summary['rollout_tokens']:,} rollout tokens, "
+          f"{summary['wall_seconds']:.0f}s)")
+    print(f"model: {summary['model']}")
+    return EXIT_OK
+
+
+# ---- nanoseek distill ------------------------------------------------------------------------------
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", type=Path, required=True, metavar="DIR", help="teacher model (or run) folder")
+    p.add_argument("--task", required=True, help="task to sample (see `nanoseek tasks list`)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="folder for traces.jsonl, distill.json, data/ and student/")
+    p.add_argument("--problems", type=int, default=1000, help="train-split problems to sample (default 1000)")
+    p.add_argument("--samples", type=int, default=4, help="teacher samples per problem (default 4)")
+    p.add_argument("--keep", type=int, default=1, help="correct traces kept per problem (default 1)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, help="default: 1.5x the longest solver reply")
+    p.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", type=int)
+    student = p.add_mutually_exclusive_group()
+    student.add_argument("--student-preset", metavar="NAME", help="a new student from a preset (default tiny)")
+    student.add_argument("--student-init", metavar="DIR", help="a student initialised from a model folder")
+    p.add_argument("--student-model", metavar="JSON", help="ModelConfig overrides of a new student (JSON)")
+    p.add_argument("--student-recipe", type=Path, metavar="FILE",
+                   help="TrainRecipe fields for the student's SFT (TOML/YAML); out/data/mode are set by distill")
+    p.add_argument("--sft-steps", type=int, help="student SFT steps (default 200 or the recipe's)")
+    p.add_argument("--no-train", action="store_true", help="only sample and write the traces")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+@command("distill", "sample a teacher, keep its correct traces (rejection sampling), SFT a student on them",
+         _distill_arguments)
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..train.distill import distill
+    from ..train.recipe import read_recipe_file
+    _threads(args.threads)
+    student = dict(read_recipe_file(args.student_recipe)) if args.student_recipe else {}
+    for key in ("out", "data", "mode", "tokenizer"):
+        student.pop(key, None)
+    if args.student_preset:
+        student.update(preset=args.student_preset, init_from=None, config=None)
+    if args.student_init:
+        student.update(init_from=args.student_init, preset=None, config=None)
+    if args.student_model:
+        try:
+            student["model"] = json.loads(args.student_model)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--student-model is not valid JSON: {e}") from None
+    if args.sft_steps:
+        student["max_steps"] = args.sft_steps
+    stats = distill(args.teacher, args.task, args.out, n_problems=args.problems, samples_per_problem=args.samples,
+                    keep_per_problem=args.keep, temperature=args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                    difficulty=args.difficulty, student=student, train_student=not args.no_train,
+                    progress=sys.stderr.isatty())
+    print(f"kept {stats['kept_traces']:,} traces from {stats['samples']:,} samples "
+          f"({100 * stats['acceptance_rate']:.1f}% correct) -> {stats['traces']}")
+    if "student" in stats:
+        print(f"student: {stats['student']['model']}")
+    return EXIT_OK
+
+
+# ---- nanoseek eval ---------------------------------------------------------------------------------
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, metavar="PATH", help="a model folder or a run folder (with model/)")
+    p.add_argument("--task", required=True, help="task to evaluate on (see `nanoseek tasks list`)")
+    p.add_argument("--n", type=int, default=1000, help="held-out problems (default 1000)")
+    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@1/pass@k/maj@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--max-new-tokens", type=int, help="default: 1.5x the longest solver reply")
+    p.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--difficulty", type=int, help="only problems of this difficulty level")
+    p.add_argument("--tokenizer", type=Path, help="default: the tokenizer files in the model folder")
+    p.add_argument("--out", type=Path, help="folder for eval-TASK.json and eval-TASK.md")
+    p.add_argument("--json", action="store_true", help="print the JSON result")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+@command("eval", "held-out accuracy on a reasoning task: greedy, pass@1 over k samples, pass@k, maj@k",
+         _eval_arguments)
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..eval import load_for_eval, markdown_table, summary_line, write_eval
+    from ..eval.tasks import evaluate_task
+    from ..tasks import get_task
+    _threads(args.threads)
+    if args.n < 1 or args.k < 0 or (args.no_greedy and args.k == 0):
+        raise ConfigError("need --n >= 1, --k >= 0 and something to measure (greedy or k > 0)")
+    task = get_task(args.task)
+    problems = task.generate(args.n, seed=1234, split="test", difficulty=args.difficulty)
+    model, tok = load_for_eval(args.path, args.tokenizer)
+    result = evaluate_task(model, tok, task, problems=problems, k=args.k, temperature=args.temperature,
+                           top_p=args.top_p, greedy=not args.no_greedy, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty())
+    result["model"] = str(args.path)
+    if args.out:
+        json_path, md_path = write_eval(result, args.out, str(args.path))
+        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_problem")}, indent=2))
+    else:
+        print(summary_line(result))
+        print(markdown_table([result], [str(args.path)]))
+    return EXIT_OK

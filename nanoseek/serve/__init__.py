@@ -1,0 +1,38 @@
+"""Serving: the OpenAI/DeepSeek-compatible HTTP API, the web chat page and the content policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .app import APIError, ServerConfig, create_app
+from .policy import Decision, Policy, PolicyError
+
+__all__ = ["APIError", "ServerConfig", "create_app", "Decision", "Policy", "PolicyError", "load_engine",
+           "build_app"]
+
+
+def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | None = None,
+                speculative: bool = False, prefill_chunk: int = 512, device=None, dtype=None):
+    """(Engine, ChatTokenizer) for an HF-format model folder with tokenizer files."""
+    from ..checkpoint import load_model
+    from ..errors import DataError
+    from ..infer import Engine, load_tokenizer
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device=device, dtype=dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise DataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}")
+    context = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_model_len=context, speculative=speculative,
+                    prefill_chunk=prefill_chunk)
+    return engine, tokenizer
+
+
+def build_app(path: str | Path, *, config: ServerConfig | None = None, policy: Policy | None = None,
+              max_waiting: int = 64, **engine_options):
+    """(FastAPI app, Scheduler) serving the model folder `path`; call scheduler.shutdown() when done."""
+    from ..infer.scheduler import Scheduler
+    engine, tokenizer = load_engine(path, **engine_options)
+    config = config or ServerConfig(model_name=Path(path).resolve().name)
+    scheduler = Scheduler(engine, max_waiting=max_waiting)
+    return create_app(scheduler, tokenizer, config, policy), scheduler

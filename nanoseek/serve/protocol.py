@@ -1,0 +1,151 @@
+"""Request bodies of the OpenAI / DeepSeek API as pydantic models (they make the server's OpenAPI
+schema), and the per-choice output pipeline shared by the server and the terminal chat.
+
+Unknown fields are ignored (clients send many optional ones); known fields are type-checked and
+range-checked. Fields nanoseek cannot honour (logprobs, tools) are refused with a clear message rather
+than silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..infer.engine import RequestOutput
+from ..infer.text import ReasoningSplitter
+from .policy import Decision, OutputMonitor
+
+Float = Field(default=None, allow_inf_nan=False)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    reasoning_content: Optional[str] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    n: int = Field(default=1, ge=1)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logprobs: Optional[bool] = None
+    user: Optional[str] = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    tools: Optional[list] = None
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions: prompt is a string, a list of strings, token ids or lists of token ids."""
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+
+
+# ---- one choice's output pipeline ------------------------------------------------------------------
+@dataclass
+class Delta:
+    reasoning: str = ""
+    content: str = ""
+    refusal: Decision | None = None
+    flags: list = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class ChoiceStream:
+    """Engine outputs of one choice -> policy check (stops at a refusal) -> reasoning split.
+
+    split=False (plain completions) puts all text in `content`. Counts completion tokens and, for
+    reasoning models, the tokens up to and including `</think>` (or all of them while still thinking).
+    """
+
+    def __init__(self, thinking: bool, monitor: OutputMonitor | None = None, end_think_id: int | None = None,
+                 split: bool = True):
+        self.splitter = ReasoningSplitter(thinking) if split else None
+        self.monitor = monitor
+        self.end_think_id = end_think_id
+        self.completion_tokens = 0
+        self.reasoning_tokens = 0
+        self.think_closed = not thinking
+        self.reasoning = ""
+        self.content = ""
+        self.finish_reason: str | None = None
+        self.refusal: Decision | None = None
+        self._flags_seen = 0
+
+    def feed(self, out: RequestOutput) -> Delta:
+        self._count(out.token_ids)
+        self.completion_tokens = out.completion_tokens
+        delta = Delta()
+        text = out.text
+        if self.monitor is not None:
+            text, refusal = self.monitor.push(text, final=out.finished)
+            delta.flags = self.monitor.new_flags(self._flags_seen)
+            self._flags_seen = len(self.monitor.flags)
+            if refusal is not None:
+                delta.refusal = self.refusal = refusal
+        if self.splitter is None:
+            delta.content = text
+        else:
+            delta.reasoning, delta.content = self.splitter.push(text)
+            if out.finished or delta.refusal is not None:
+                r, c = self.splitter.flush()
+                delta.reasoning += r
+                delta.content += c
+        if delta.refusal is not None:
+            delta.finished, delta.finish_reason = True, "content_filter"
+        elif out.finished:
+            delta.finished = True
+            delta.finish_reason = "length" if out.finish_reason == "length" else \
+                "stop" if out.finish_reason == "stop" else out.finish_reason
+        self.reasoning += delta.reasoning
+        self.content += delta.content
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+        return delta
+
+    def _count(self, token_ids: list[int]):
+        for t in token_ids:
+            if not self.think_closed:
+                self.reasoning_tokens += 1
+                if self.end_think_id is not None and t == self.end_think_id:
+                    self.think_closed = True
+        if self.end_think_id is None and self.splitter is not None and not self.splitter.in_reasoning:
+            self.think_closed = True

@@ -1,0 +1,73 @@
+"""Reasoning tasks with exact checkers: generators (seed + difficulty), disjoint train/test splits,
+step-by-step solver traces (cold-start SFT data) and rule-based rewards.
+
+    from nanoseek.tasks import get_task, Rewards
+    task = get_task("addition3")
+    train = task.generate(10_000, seed=0, split="train")      # Problems; test split is disjoint
+    task.messages(train[0])      # [user, assistant{reasoning_content: trace, content: <answer>..}]
+    task.check(completion_text, train[0])                      # strict: <answer> after </think>
+    rewards = Rewards({"accuracy": 1.0, "format": 0.1})        # (prompts, completions, **cols) -> floats
+
+Tasks: addition (3-6 digits, carry-heavy) and addition3..addition6; multiplication (2x2 and 3x2) and
+multiplication2x2, multiplication3x2; countdown (3-4 numbers) and countdown3, countdown4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DataError
+from .arithmetic import Addition, Multiplication, addition_trace, multiplication_trace
+from .base import (ANSWER_CLOSE, ANSWER_OPEN, Problem, Task, extract_answer, format_reply, parse_integer,
+                   split_of, split_reply, strip_eos)
+from .countdown import Countdown, ExpressionError, check_expression, evaluate, solve_countdown
+from .rewards import Rewards, accuracy_reward, format_reward, resolve_reward, think_reward
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+register(Addition("addition", (3, 4, 5, 6), description="a + b, 3 to 6 digits, carry-heavy"))
+for _d in (3, 4, 5, 6):
+    register(Addition(f"addition{_d}", (_d,), description=f"a + b, {_d} digits each, carry-heavy"))
+register(Multiplication("multiplication", (1, 2), description="a * b, 2x2 and 3x2 digits"))
+register(Multiplication("multiplication2x2", (1,), description="a * b, 2x2 digits"))
+register(Multiplication("multiplication3x2", (2,), description="a * b, 3x2 digits"))
+register(Countdown("countdown", (3, 4), description="reach a target from 3-4 numbers with + - * /"))
+register(Countdown("countdown3", (3,), description="reach a target from 3 numbers with + - * /"))
+register(Countdown("countdown4", (4,), description="reach a target from 4 numbers with + - * /"))
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name` (DataError listing the known ones otherwise)."""
+    if isinstance(name, Task):
+        return name
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+
+
+def write_chat_jsonl(task: Task | str, path: str | Path, n: int, seed: int = 0, split: str = "train",
+                     difficulty: int | None = None) -> Path:
+    """n solver-trace conversations as chat JSONL ({"messages": [user, assistant]} per line), the
+    cold-start SFT data `nanoseek data prepare --format chat` reads."""
+    task = get_task(task)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for problem in task.generate(n, seed=seed, split=split, difficulty=difficulty):
+            f.write(json.dumps({"messages": task.messages(problem)}, ensure_ascii=False) + "\n")
+    return path
+
+
+__all__ = ["Task", "Problem", "TASKS", "get_task", "register", "Addition", "Multiplication", "Countdown",
+           "Rewards", "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer",
+           "split_reply", "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace",
+           "multiplication_trace", "solve_countdown", "check_expression", "evaluate", "ExpressionError",
+           "write_chat_jsonl", "ANSWER_OPEN", "ANSWER_CLOSE"]

@@ -1,0 +1,563 @@
+"""GRPO with verifiable rewards (DeepSeekMath Eq. 3-4, DeepSeek-R1 Sec. 2.2), with the DAPO and
+Dr. GRPO variants as options.
+
+One step:
+ 1. rollout: `prompts_per_step` train-split problems, `group_size` (G) samples each from
+    `nanoseek.generate` (latent cache), seeded by (seed, step) so a resumed run samples the same;
+ 2. rewards: a weighted sum of rule-based callables (accuracy from the task's strict checker, format);
+ 3. advantages, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-4), or r_i - mean(r) with
+    scale_rewards = false (Dr. GRPO); groups whose rewards are all equal carry no signal and are dropped
+    with filter_zero_std (DAPO's dynamic sampling, without resampling); truncated completions (no EOS
+    within max_new_tokens) are left out of the loss with mask_truncated (DAPO's overlong filtering);
+ 4. mu optimizer steps on the same rollouts. Per completion token:
+        rho = pi / pi_old,  l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta KL,
+        KL (k3) = pi_ref / pi - log(pi_ref / pi) - 1   against the frozen starting model,
+    pi_old is the policy that sampled (its log-probs are stored once per step; with mu = 1 the ratio is
+    exactly 1 and only its gradient matters). Aggregation (loss_agg):
+        sequence  (GRPO):    mean over completions of the mean over their tokens
+        token     (DAPO):    sum over all tokens / number of tokens in the batch
+        dr_grpo   (Dr.GRPO): sum over all tokens / (completions x max_new_tokens)
+    beta = 0 loads no reference model.
+
+The run folder is a training run folder (train/common.py): checkpoints/ with model, optimizer, RNG and
+state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, save_model
+from ..errors import CheckpointError, ConfigError, NanoseekError
+from ..model import Transformer
+from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
+                     load_checkpoint, lr_at, read_metrics, save_checkpoint, update_routing_bias)
+from .recipe import _coerce, read_recipe_file
+
+LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
+STD_EPS = 1e-4
+
+
+class GRPOError(NanoseekError):
+    """The run cannot go on (non-finite loss, a resume that does not match); names the step or field."""
+
+
+@dataclass
+class GRPORecipe:
+    out: str = "runs/grpo"
+    init_from: str = ""  # the starting policy: an HF model folder (e.g. an SFT run's model/)
+    tokenizer: str | None = None  # default: the tokenizer files in init_from
+    task: str = "addition3"
+    difficulty: int | None = None  # a fixed difficulty level of the task (default: its mix)
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # name|module:fn -> weight
+    seed: int = 0
+    max_steps: int = 100
+    max_seconds: float = 0.0  # also stop after this much CPU time of the process (0: no limit)
+    # rollouts
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 0  # 0: 1.5x the task's longest solver reply (+16)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # objective
+    beta: float = 0.0  # k3 KL weight; 0 loads no reference model
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO: 0.28
+    mu: int = 1  # optimizer steps per rollout batch
+    loss_agg: str = "token"  # sequence (GRPO) | token (DAPO) | dr_grpo
+    scale_rewards: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
+    mask_truncated: bool = True
+    filter_zero_std: bool = True
+    micro_batch: int = 64  # completions per forward/backward
+    # AdamW and schedule (as in training; see train/common.py)
+    lr: float = 1e-5
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    bias_update_speed: float = 0.0  # DeepSeek's routing-bias update from the completions' expert loads
+    # evaluation, logging, checkpoints
+    eval_every: int = 0  # greedy accuracy on eval_n held-out problems every N steps (0: never)
+    eval_n: int = 200
+    eval_split: str = "test"  # "train" monitors on train-split problems (a dev set) instead
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+    resume: bool = False
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    progress: bool = True
+
+    def validate(self, source: str | None = None) -> "GRPORecipe":
+        where = f" in {source}" if source else ""
+
+        def bad(name: str, why: str):
+            raise ConfigError(f"invalid GRPO recipe field '{name}'{where}: {why} (got {getattr(self, name)!r})")
+
+        if not self.init_from:
+            bad("init_from", "the starting model folder is required")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            bad("loss_agg", f"must be one of {LOSS_AGGREGATIONS}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            bad("schedule", "must be one of ('cosine', 'wsd', 'constant')")
+        for name in ("max_steps", "prompts_per_step", "group_size", "mu", "micro_batch", "log_every",
+                     "keep_last", "eval_n"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.group_size < 2:
+            bad("group_size", "must be at least 2 (advantages compare samples of one prompt)")
+        for name in ("max_new_tokens", "top_k", "warmup_steps", "save_every", "eval_every", "threads",
+                     "max_seconds", "temperature", "beta", "eps_low", "eps_high", "weight_decay", "grad_clip",
+                     "bias_update_speed"):
+            if getattr(self, name) < 0:
+                bad(name, "must be non-negative")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.eps_low >= 1:
+            bad("eps_low", "must be below 1")
+        if not self.lr > 0:
+            bad("lr", "must be positive")
+        if self.eval_split not in ("train", "test"):
+            bad("eval_split", "must be 'train' or 'test'")
+        if self.temperature == 0:
+            bad("temperature", "must be positive (greedy rollouts give identical samples)")
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            bad("rewards", "must map reward names (or module:function) to weights")
+        return self
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def grpo_recipe_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(GRPORecipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(GRPORecipe)}
+
+
+def load_grpo_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
+    """A GRPO recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string)."""
+    kinds = grpo_recipe_fields()
+    values: dict[str, Any] = {}
+    layers = [(read_recipe_file(path), f" in {path}")] if path is not None else []
+    if overrides:
+        layers.append((overrides, " on the command line"))
+    for data, where in layers:
+        for name, value in data.items():
+            if name not in kinds:
+                raise ConfigError(f"unknown GRPO recipe field '{name}'{where}; known fields: {', '.join(kinds)}")
+            values[name] = _coerce(name, value, kinds[name], where)
+    return GRPORecipe(**values).validate(str(path) if path else None)
+
+
+# ---- the math (pure functions, unit-tested by hand) -------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (N*G,) grouped by prompt -> (advantages (N*G,), zero_std (N,) bool).
+    A = (r - mean) / (std + 1e-4) with the unbiased std of the group (as TRL), or r - mean."""
+    r = rewards.float().view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True)
+    adv = r - mean
+    if scale:
+        adv = adv / (std + STD_EPS)
+    zero_std = (r.max(dim=1).values - r.min(dim=1).values) == 0
+    return adv.flatten(), zero_std
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): pi_ref/pi - log(pi_ref/pi) - 1 (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float = 0.2, loss_agg: str = "token", max_len: int | None = None,
+              num_seqs: int | None = None, num_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective as a loss to minimise.
+
+    logp, old_logp, ref_logp, mask: (B, T) per completion token (mask 1 where the token counts);
+    advantages: (B,). num_seqs / num_tokens: the denominators of the whole batch when this is one
+    micro-batch of it (default: this batch's own). Returns (loss, statistics as tensors without grad).
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)[:, None]
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    per_token = -surrogate
+    kl = None
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        if beta:
+            per_token = per_token + beta * kl
+    seq_tokens = mask.sum(dim=1)
+    num_seqs = num_seqs if num_seqs is not None else int((seq_tokens > 0).sum())
+    num_tokens = num_tokens if num_tokens is not None else int(mask.sum())
+    if loss_agg == "sequence":
+        loss = ((per_token * mask).sum(dim=1) / seq_tokens.clamp(min=1)).sum() / max(num_seqs, 1)
+    elif loss_agg == "token":
+        loss = (per_token * mask).sum() / max(num_tokens, 1)
+    else:
+        if max_len is None:
+            raise ValueError("loss_agg 'dr_grpo' needs max_len (max_new_tokens)")
+        loss = (per_token * mask).sum() / max(num_seqs * max_len, 1)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"clipped_tokens": (clipped.to(mask.dtype) * mask).sum(), "tokens": mask.sum(),
+                 "ratio_sum": (ratio * mask).sum()}
+        if kl is not None:
+            stats["kl_sum"] = (kl * mask).sum()
+    return loss, stats
+
+
+def completion_logprobs(model: Transformer, ids: torch.Tensor, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids (B, T) -> log-probabilities of ids[:, 1:] (B, T-1) under logits / temperature (the
+    distribution that was sampled), and the per-position entropy (no grad) when asked."""
+    logits = model(ids)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logp, entropy
+
+
+# ---- rollouts -----------------------------------------------------------------------------------
+@dataclass
+class Rollouts:
+    """One step's samples: G consecutive completions per prompt."""
+
+    problems: list  # Problem per completion
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+    rewards: torch.Tensor  # (N*G,)
+    parts: dict[str, list[float]]
+    seconds: float
+
+
+def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+completion rows (B, T) and the mask (B, T-1) of target positions that are
+    completion tokens (position t predicts token t+1)."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, len(p) - 1: len(p) - 1 + len(c)] = True
+    return ids, mask
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+class GRPOTrainer:
+    """Holds the policy, the optional reference, the optimizer and the task; `run()` trains."""
+
+    def __init__(self, recipe: GRPORecipe):
+        from ..tasks import Rewards, get_task
+        from ..tokenizer import Tokenizer
+        from .trainer import resolve_device
+        self.recipe = recipe.validate()
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        self.device = resolve_device(recipe.device)
+        self.run_dir = Path(recipe.out)
+        self.task = get_task(recipe.task)
+        self.rewards = Rewards(dict(recipe.rewards))
+        tok_dir = recipe.tokenizer or recipe.init_from
+        self.tokenizer = Tokenizer.load(tok_dir)
+        self.tokenizer_dir = tok_dir
+        self.state = {"step": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "rollout_tokens": 0, "update_tokens": 0}
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and not recipe.resume:
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints: pass resume=true to continue that "
+                                  "run, or choose another out folder")
+        ckpt = existing if recipe.resume else None
+        if ckpt is not None:
+            self.model, self.optimizer, saved = load_checkpoint(ckpt, lambda m: build_optimizer(m, recipe),
+                                                                self.device)
+            self._check_resume(saved, ckpt)
+            self.state.update({k: saved[k] for k in self.state if k in saved})
+        else:
+            self.model = load_model(recipe.init_from, device=self.device, dtype=torch.float32).train()
+            self.optimizer = build_optimizer(self.model, recipe)
+        self.resumed_from = ckpt
+        for moe in self.model.moe_layers():
+            moe.aux_loss_alpha = 0.0  # no balance loss in RL; the bias update is optional
+        self.reference = None
+        if recipe.beta > 0:
+            self.reference = load_model(recipe.init_from, device=self.device, dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
+        if self.model.config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"the model's vocab_size {self.model.config.vocab_size} is below the tokenizer's "
+                              f"{self.tokenizer.vocab_size} ({tok_dir})")
+        self.max_new_tokens = recipe.max_new_tokens or self._default_max_new_tokens()
+        self.eval_problems = None
+
+    def _default_max_new_tokens(self) -> int:
+        from ..eval.tasks import default_max_new_tokens
+        from ..tasks.base import make_rng
+        rng = make_rng("max_new_tokens", self.task.name)
+        problems = [self.task.sample(rng, "train", self.recipe.difficulty) for _ in range(64)]
+        return default_max_new_tokens(self.task, self.tokenizer, problems)
+
+    def _check_resume(self, saved: dict, ckpt: Path) -> None:
+        keep = saved.get("recipe", {})
+        for key in RESUME_KEYS:
+            if key in keep and keep[key] != getattr(self.recipe, key):
+                raise GRPOError(f"cannot resume from {ckpt}: recipe field '{key}' was {keep[key]!r} there "
+                                f"and is {getattr(self.recipe, key)!r} now")
+        if saved["step"] >= self.recipe.max_steps:
+            raise GRPOError(f"{ckpt} is already at step {saved['step']} >= max_steps {self.recipe.max_steps}; "
+                            "raise max_steps to continue")
+
+    # -- one step -----------------------------------------------------------------------------
+    def rollout(self, step: int) -> Rollouts:
+        from .. import infer
+        from ..eval.tasks import prompt_ids
+        from ..tasks.base import make_rng
+        r = self.recipe
+        rng = make_rng("grpo", r.seed, step)
+        problems = [self.task.sample(rng, "train", r.difficulty) for _ in range(r.prompts_per_step)]
+        prompts = prompt_ids(self.tokenizer, problems)
+        t0 = time.perf_counter()
+        rows = [p for p in prompts for _ in range(r.group_size)]
+        outs = infer.generate(self.model, rows, max_new_tokens=self.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, seed=(r.seed * 1_000_003 + step) % 2 ** 62,
+                              eos_token_id=self.tokenizer.eos_id)
+        seconds = time.perf_counter() - t0
+        eos = self.tokenizer.eos_id
+        texts = [self.tokenizer.decode(o) for o in outs]
+        truncated = [not o or o[-1] != eos for o in outs]
+        probs = [p for p in problems for _ in range(r.group_size)]
+        total, parts = self.rewards([p.prompt for p in probs], texts, problem=probs,
+                                    answer=[p.answer for p in probs], truncated=truncated)
+        return Rollouts(probs, rows, outs, texts, truncated, torch.tensor(total), parts, seconds)
+
+    def update(self, ro: Rollouts, step: int) -> dict:
+        r = self.recipe
+        adv, zero_std = group_advantages(ro.rewards, r.group_size, r.scale_rewards)
+        keep = torch.ones(len(adv), dtype=torch.bool)
+        if r.filter_zero_std:
+            keep &= ~zero_std.repeat_interleave(r.group_size)
+        if r.mask_truncated:
+            keep &= ~torch.tensor(ro.truncated)
+        keep &= torch.tensor([len(c) > 0 for c in ro.completion_ids])
+        idx = keep.nonzero().flatten().tolist()
+        stats = {"zero_std_frac": zero_std.float().mean().item(), "kept_seqs": len(idx)}
+        if not idx:
+            return stats | {"skipped_update": 1}
+        ids, mask = pack_sequences([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
+                                   self.tokenizer.pad_id)
+        ids, mask, adv = ids.to(self.device), mask.to(self.device), adv[idx].to(self.device)
+        num_seqs, num_tokens = len(idx), int(mask.sum())
+        chunks = [slice(s, s + r.micro_batch) for s in range(0, len(idx), r.micro_batch)]
+        old, ref = self._fixed_logprobs(ids, chunks)
+        t0 = time.perf_counter()
+        totals = {"clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0}
+        loss_sum, grad_norm, lr = 0.0, 0.0, lr_at(step, r)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for it in range(r.mu):
+            loads = None
+            for sl in chunks:
+                logp, entropy = completion_logprobs(self.model, ids[sl], r.temperature, with_entropy=it == 0)
+                old_logp = old[sl] if old is not None else logp.detach()
+                loss, s = grpo_loss(logp, old_logp, adv[sl], mask[sl], ref_logp=ref[sl] if ref is not None else None,
+                                    beta=r.beta, eps_low=r.eps_low, eps_high=r.eps_high, loss_agg=r.loss_agg,
+                                    max_len=self.max_new_tokens, num_seqs=num_seqs, num_tokens=num_tokens)
+                if not math.isfinite(loss.item()):
+                    raise GRPOError(f"non-finite GRPO loss ({loss.item()}) at step {step + 1}; the last checkpoint "
+                                    "is intact: lower lr and resume")
+                loss.backward()
+                if it == 0:
+                    loss_sum += loss.item()
+                    for key in ("clipped_tokens", "tokens", "ratio_sum", "kl_sum"):
+                        totals[key] += float(s.get(key, 0.0))
+                    totals["entropy_sum"] += float((entropy * mask[sl]).sum())
+                step_loads = expert_loads(self.model)
+                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
+            grad_norm = norm.item() if it == 0 else grad_norm
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_routing_bias(self.model, loads or [], r.bias_update_speed)
+        seconds = time.perf_counter() - t0
+        forwarded = int(ids.numel()) * r.mu
+        tokens = max(totals["tokens"], 1.0)
+        stats.update(loss=loss_sum, grad_norm=grad_norm, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
+                     ratio=totals["ratio_sum"] / tokens, entropy=totals["entropy_sum"] / tokens,
+                     update_tokens=forwarded, update_tokens_per_s=forwarded / max(seconds, 1e-9),
+                     update_seconds=seconds)
+        if ref is not None:
+            stats["kl"] = totals["kl_sum"] / tokens
+        return stats
+
+    @torch.no_grad()
+    def _fixed_logprobs(self, ids: torch.Tensor, chunks) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs of the sampling policy (needed when mu > 1) and of the reference (beta > 0)."""
+        r = self.recipe
+        old = torch.cat([completion_logprobs(self.model, ids[sl], r.temperature)[0] for sl in chunks]) \
+            if r.mu > 1 else None
+        ref = torch.cat([completion_logprobs(self.reference, ids[sl], r.temperature)[0] for sl in chunks]) \
+            if self.reference is not None else None
+        return old, ref
+
+    def step_metrics(self, ro: Rollouts) -> dict:
+        lengths = [len(c) for c in ro.completion_ids]
+        G = self.recipe.group_size
+        rewards = ro.rewards.view(-1, G)
+        row = {"reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
+               "reward_group_std": rewards.std(dim=1).mean().item(),
+               "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
+               "truncated_frac": sum(ro.truncated) / len(ro.truncated),
+               "rollout_tokens": sum(lengths), "rollout_tokens_per_s": sum(lengths) / max(ro.seconds, 1e-9),
+               "rollout_seconds": ro.seconds}
+        for name, values in ro.parts.items():
+            row[f"reward_{name}"] = sum(values) / len(values)
+        if "accuracy" in ro.parts:
+            row["accuracy"] = row["reward_accuracy"]
+        return row
+
+    def evaluate(self) -> float:
+        from ..eval.tasks import evaluate_task
+        if self.eval_problems is None:
+            self.eval_problems = self.task.generate(self.recipe.eval_n, seed=1234, split=self.recipe.eval_split,
+                                                    difficulty=self.recipe.difficulty)
+        res = evaluate_task(self.model, self.tokenizer, self.task, problems=self.eval_problems, k=0,
+                            max_new_tokens=self.max_new_tokens)
+        self.model.train()
+        return res["greedy_accuracy"]["value"]
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+        from .trainer import _StopRequest
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.json").write_text(json.dumps(r.as_dict(), indent=2))
+        logger = MetricsLogger(self.run_dir, resume_step=self.state["step"] if self.resumed_from else None)
+        if self.resumed_from is None:
+            logger.path.write_text("")
+        st = self.state
+        step = st["step"]
+        bar = tqdm(total=r.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True,
+                   disable=not r.progress)
+        last_saved = step if self.resumed_from is not None else -1
+        stopped_by = None
+        try:
+            with _StopRequest() as stop:
+                if r.eval_every and step == 0:
+                    logger.log({"step": 0, "eval_accuracy": self.evaluate()})
+                while step < r.max_steps and stop.signal is None:
+                    if r.max_seconds and st["cpu_seconds"] >= r.max_seconds:
+                        stopped_by = "max_seconds"
+                        break
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    ro = self.rollout(step)
+                    row = self.step_metrics(ro)
+                    row.update(self.update(ro, step))
+                    step += 1
+                    st["step"] = step
+                    st["wall_seconds"] += time.perf_counter() - t0
+                    st["cpu_seconds"] += time.process_time() - c0
+                    st["rollout_tokens"] += row["rollout_tokens"]
+                    st["update_tokens"] += row.get("update_tokens", 0)
+                    row.update(step=step, step_seconds=time.perf_counter() - t0, wall_seconds=st["wall_seconds"],
+                               cpu_seconds=st["cpu_seconds"])
+                    if r.eval_every and (step % r.eval_every == 0 or step == r.max_steps):
+                        row["eval_accuracy"] = self.evaluate()
+                    if step % r.log_every == 0 or "eval_accuracy" in row:
+                        logger.log({k: v for k, v in row.items()})
+                    bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}",
+                                    len=f"{row['completion_len']:.0f}")
+                    bar.update(1)
+                    if r.save_every and step % r.save_every == 0:
+                        self.save(step)
+                        last_saved = step
+                if last_saved != step:
+                    self.save(step)
+                if stop.signal is not None:
+                    stopped_by = "signal"
+        finally:
+            bar.close()
+            logger.close()
+        save_model(self.model, self.run_dir / "model")
+        copy_tokenizer(self.tokenizer_dir, self.run_dir / "model")
+        plot_grpo(self.run_dir)
+        summary = {"step": step, "stopped_by": stopped_by, "model": str(self.run_dir / "model"),
+                   **{k: st[k] for k in ("wall_seconds", "cpu_seconds", "rollout_tokens", "update_tokens")}}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def save(self, step: int) -> None:
+        state = {**self.state, "recipe": {k: getattr(self.recipe, k) for k in RESUME_KEYS}}
+        save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.recipe.keep_last,
+                        self.tokenizer_dir)
+
+
+# fields that must not change between a run and its resumption
+RESUME_KEYS = ("init_from", "task", "difficulty", "seed", "prompts_per_step", "group_size")
+
+
+def grpo(recipe: GRPORecipe) -> dict:
+    """Run (or resume) GRPO; returns the summary (also written as summary.json)."""
+    return GRPOTrainer(recipe).run()
+
+
+# ---- curves -------------------------------------------------------------------------------------
+PLOT_PANELS = (("reward", ("reward_mean", "accuracy", "eval_accuracy")), ("completion length (tokens)",
+               ("completion_len",)), ("KL to reference", ("kl",)), ("entropy (nats/token)", ("entropy",)),
+               ("fractions", ("clip_frac", "zero_std_frac", "truncated_frac")),
+               ("tokens/s", ("rollout_tokens_per_s", "update_tokens_per_s")))
+
+
+def plot_grpo(run_dir: str | Path) -> Path | None:
+    """grpo.png: reward and accuracy, completion length, KL, entropy, clip / zero-std / truncated
+    fractions and throughput against step."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not any("reward_mean" in r for r in rows):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, keys) in zip(axes.flat, PLOT_PANELS):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if key == "eval_accuracy" else "-", lw=1, ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = run_dir / "grpo.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

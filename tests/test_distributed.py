@@ -1,0 +1,234 @@
+"""Scale-out on 2 CPU processes with gloo, launched by torchrun: FSDP2 data parallel and expert
+parallelism compute the same steps as one process (fp32 tolerance), the all-to-all dispatch survives
+experts (and whole ranks) that receive no tokens, and checkpoints move between world sizes.
+
+This file is also the worker script of the dispatch test:
+    torchrun --nproc_per_node=2 tests/test_distributed.py dispatch OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "n_routed_experts": 8, "n_group": 2,
+               "topk_group": 1, "num_experts_per_tok": 2, "q_lora_rank": 32, "kv_lora_rank": 16,
+               "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+LOSS_TOL = 1e-5     # per-step losses, absolute (seen: <= 1e-6)
+WEIGHT_TOL = 5e-5   # weights after the run, absolute (seen: <= 5e-6; Adam magnifies rounding of tiny grads)
+
+
+# ---- launching -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], ep: int = 1, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc ARGS` on 127.0.0.1, one thread per worker; fails with the log."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NANOSEEK_EP": str(ep)}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[:6000]}\n...\n" \
+                                 f"{proc.stderr[-3000:]}"
+    return proc
+
+
+def train_cli(recipe: dict) -> list[str]:
+    """`-m nanoseek train` with the recipe as command-line fields."""
+    args = ["-m", "nanoseek", "train"]
+    for key, value in recipe.items():
+        args += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return args
+
+
+# ---- data and reference runs ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer, a pretraining data folder and a chat (SFT) data folder; no network."""
+    from nanoseek.data import prepare
+    from nanoseek.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "moe", "expert", "latent", "token", "route", "cache"]
+    files = []
+    for i in range(12):
+        f = root / f"doc{i}.txt"
+        f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 999)}."
+                               for _ in range(60)))
+        files.append(f)
+    tok = Tokenizer.train((f.read_text() for f in files), vocab_size=400)
+    tok.save(root / "tok")
+    prepare(tok, files, root / "data", val_fraction=0.2, progress=False)
+    chats = root / "chat.jsonl"  # replies of very different lengths: ranks hold different target counts
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"route token {i} to which expert?"},
+        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}]}) + "\n"
+        for i in range(80)))
+    prepare(tok, [chats], root / "sft", val_fraction=0.2, progress=False)
+    return root
+
+
+def base_recipe(corpus: Path, out: Path, **overrides) -> dict:
+    values = dict(out=str(out), data=str(corpus / "data"), tokenizer=str(corpus / "tok"), preset="tiny",
+                  model=SMALL_MODEL, batch_size=4, seq_len=32, max_steps=6, eval_every=3, eval_batches=2,
+                  save_every=3, warmup_steps=2, lr=3e-3, progress=False)
+    values.update(overrides)
+    return values
+
+
+def train_here(recipe: dict) -> dict:
+    from nanoseek.train import TrainRecipe, train
+    return train(TrainRecipe(**recipe).validate())
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    from nanoseek import load_model
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def assert_same_run(single: Path, parallel: Path, steps: int) -> dict:
+    """Same per-step losses, expert loads (exactly) and final weights; returns the max diffs."""
+    rows_a, rows_b = metrics(single), metrics(parallel)
+    assert [r["step"] for r in rows_b] == list(range(1, steps + 1))
+    diffs = {"loss": 0.0, "val_loss": 0.0}
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "mtp_loss", "aux_loss", "val_loss", "grad_norm"):
+            if key in a:
+                diffs[key] = max(diffs.get(key, 0.0), abs(a[key] - b[key]))
+        assert a["expert_load"] == b["expert_load"]  # globally reduced loads: the same integers
+    diffs["weights"] = max_weight_diff(single / "model", parallel / "model")
+    print(f"max differences vs one process: {diffs}")
+    assert max(diffs[k] for k in diffs if k != "weights") < LOSS_TOL * 10 and diffs["loss"] < LOSS_TOL
+    assert diffs["weights"] < WEIGHT_TOL
+    return diffs
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One process, 6 steps, global batch 4."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train_here(base_recipe(corpus, out))
+    return out
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+def test_ep_dispatch_with_empty_experts_and_an_idle_rank(tmp_path):
+    """EP all-to-all output and gradients equal the stacked experts run locally, when some experts get
+    no token from one rank, some from none, and (second case) one rank's experts receive nothing."""
+    out = tmp_path / "dispatch.json"
+    torchrun([str(Path(__file__).resolve()), "dispatch", str(out)])
+    result = json.loads(out.read_text())
+    print(f"EP dispatch max differences: {result}")
+    assert all(v < 1e-5 for v in result.values()), result
+
+
+def test_fsdp_data_parallel_matches_one_process_sft(corpus, tmp_path):
+    """SFT (ranks hold different numbers of targets) with grad_accum 2: FSDP2 over 2 ranks computes the
+    same losses and weights as one process with the same global batch."""
+    recipe = base_recipe(corpus, tmp_path / "single", data=str(corpus / "sft"), mode="sft", grad_accum=2,
+                         max_steps=4, eval_every=2)
+    train_here(recipe)
+    proc = torchrun(train_cli({**recipe, "out": str(tmp_path / "dp")}))
+    assert proc.stdout.count("finished at step 4") == 1  # rank 0 prints, rank 1 does not
+    assert_same_run(tmp_path / "single", tmp_path / "dp", 4)
+
+
+def test_expert_parallel_matches_one_process_and_resumes_on_one(corpus, reference, tmp_path):
+    """EP=2 for 3 steps (checkpoint gathered to one HF folder), then resumed by a single process: the
+    same 6 steps as the single-process reference."""
+    run = tmp_path / "ep"
+    torchrun(train_cli(base_recipe(corpus, run, max_steps=3)), ep=2)
+    from nanoseek import load_model
+    ckpt = run / "checkpoints" / "step-0000003"
+    model = load_model(ckpt / "model")  # a plain single-process model, all 8 experts per layer
+    assert model.layers[1].mlp.experts.gate_up.shape[0] == 8
+    assert max_weight_diff(ckpt / "model", reference / "checkpoints" / "step-0000003" / "model") < WEIGHT_TOL
+    train_here(base_recipe(corpus, run, max_steps=6, resume=True))
+    assert_same_run(reference, run, 6)
+
+
+def test_single_process_checkpoint_resumes_on_two_processes(corpus, reference, tmp_path):
+    """A checkpoint written by one process resumes under torchrun with EP=2 (world size 1 -> 2)."""
+    run = tmp_path / "one-then-two"
+    train_here(base_recipe(corpus, run, max_steps=3))
+    torchrun(train_cli(base_recipe(corpus, run, max_steps=6, resume=True)), ep=2)
+    assert_same_run(reference, run, 6)
+
+
+def test_global_batch_must_divide_over_processes(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *train_cli(base_recipe(corpus, tmp_path / "odd", batch_size=3))]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "'batch_size'" in proc.stderr and "divisible by the number of processes (2)" in proc.stderr
+
+
+# ---- worker (runs under torchrun) ----------------------------------------------------------------
+def _dispatch_worker(out: str) -> None:
+    """Compare ExpertParallelExperts against the full RoutedExperts on each rank's tokens."""
+    import torch.distributed as dist
+
+    from nanoseek.model import RoutedExperts
+    from nanoseek.train.distributed import ExpertParallelExperts, Parallel
+
+    torch.set_num_threads(1)
+    parallel = Parallel.init(ep=2, device="cpu")
+    rank, E, D, I, N, k = parallel.rank, 8, 16, 8, 12, 2
+    torch.manual_seed(0)
+    full = RoutedExperts(E, D, I)
+    torch.nn.init.normal_(full.gate_up, std=0.1)
+    torch.nn.init.normal_(full.down, std=0.1)
+    ep = ExpertParallelExperts.from_experts(full, parallel.mesh.get_group("ep"), parallel.ep_rank, 2)
+    gen = torch.Generator().manual_seed(100 + rank)
+    cases = {
+        # rank 0 uses only experts {0, 1, 2, 6}: 3-5 get nothing from it, 7 gets nothing at all
+        "empty_experts": torch.tensor([0, 1, 2, 6]) if rank == 0 else torch.tensor([0, 2, 3, 4, 5, 6]),
+        # every token goes to experts 0-3 (rank 0's): rank 1's experts receive no token from anyone
+        "idle_rank": torch.tensor([0, 1, 2, 3]),
+    }
+    result = {}
+    for name, allowed in cases.items():
+        choice = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(N)])
+        x = torch.randn(N, D, generator=gen, requires_grad=True)
+        w = torch.rand(N, k, generator=gen)
+        y_ref = full(x, choice, w)
+        g_ref, *ref_grads = torch.autograd.grad(y_ref.square().sum(), [x, full.gate_up, full.down])
+        for t in ref_grads:  # this rank's tokens only: an expert's owner sums over every rank's tokens
+            dist.all_reduce(t)
+        y = ep(x, choice, w)
+        g, *grads = torch.autograd.grad(y.square().sum(), [x, ep.gate_up, ep.down])
+        mine = slice(ep.first, ep.first + ep.n_experts)
+        result[f"{name}/output"] = (y - y_ref).abs().max().item()
+        result[f"{name}/grad_x"] = (g - g_ref).abs().max().item()
+        result[f"{name}/grad_experts"] = max((grads[0] - ref_grads[0][mine]).abs().max().item(),
+                                             (grads[1] - ref_grads[1][mine]).abs().max().item())
+    diffs = torch.tensor(list(result.values()))
+    dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+    if parallel.is_main:
+        Path(out).write_text(json.dumps(dict(zip(result, diffs.tolist()))))
+    parallel.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "dispatch":
+        _dispatch_worker(sys.argv[2])
