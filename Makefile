@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean browser
+.PHONY: install test demo bench clean browser
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+
+# The main job: a trained tiny MoE reasoner, its report card and the command to chat with it.
+demo: $(STAMP)
+	$(VENV)/bin/nanoseek demo --out runs/demo
+
+# Benchmarks side by side with transformers (tables on stdout, JSON under bench/results/).
+bench: $(STAMP)
+	$(PYTHON) bench/perf.py
+	$(PYTHON) bench/load_memory.py
 
 # Debian's chromium + chromedriver for tests/test_web.py. Never fails: without apt-get as root (or
 # when apt cannot install them) the browser test is skipped and says why.

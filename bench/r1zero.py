@@ -20,6 +20,7 @@ dev set drawn from the train split; the test split is only used for the final nu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,10 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanoseek import load_model  # noqa: E402
-from nanoseek.data import prepare  # noqa: E402
 from nanoseek.eval import fmt_metric  # noqa: E402
 from nanoseek.eval.tasks import evaluate_task  # noqa: E402
-from nanoseek.tasks import get_task, write_chat_jsonl  # noqa: E402
+from nanoseek.tasks import get_task, prepare_cold_start  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train import load_recipe, train  # noqa: E402
 from nanoseek.train.common import read_metrics  # noqa: E402
@@ -51,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--cold-start", type=int, default=1000, help="solver traces for SFT (default 1000)")
     p.add_argument("--sft-recipe", type=Path, default=REPO / "recipes" / "r1zero-sft.toml")
     p.add_argument("--grpo-recipe", type=Path, default=REPO / "recipes" / "r1zero-grpo.toml")
-    p.add_argument("--sft-steps", type=int, help="cold-start SFT steps (default: the recipe's max_steps)")
+    p.add_argument("--sft-steps", type=int, help="exactly this many cold-start SFT steps (default: until --modest)")
+    p.add_argument("--modest", type=float, default=0.3, help="stop SFT once dev greedy accuracy reaches this")
+    p.add_argument("--sft-chunk", type=int, default=100, help="SFT steps between dev evaluations")
+    p.add_argument("--sft-max-steps", type=int, default=2000)
     p.add_argument("--budget", type=float, default=300.0, help="CPU-seconds for each arm after SFT")
     p.add_argument("--control-chunks", type=int, default=4, help="control checkpoints evaluated for the curve")
     p.add_argument("--eval-n", type=int, default=1000)
@@ -64,19 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
     args = p.parse_args(argv)
     if args.quick:
-        args.cold_start, args.sft_steps, args.budget = 200, 20, 15.0
+        args.cold_start, args.sft_steps, args.sft_chunk, args.budget = 200, 20, 10, 15.0
         args.eval_n, args.eval_k, args.dev_n, args.seeds, args.control_chunks = 50, 2, 20, args.seeds[:1], 2
         args.work, args.out = args.work.with_name(args.work.name + "-quick"), args.out.with_name(args.out.name + "-quick")
     return args
-
-
-def prepare_data(task, root: Path, n: int, seed: int) -> tuple[Path, Path]:
-    """Cold-start chat JSONL, a byte-level tokenizer (no merges: digits stay single tokens), shards."""
-    jsonl = write_chat_jsonl(task, root / "cold_start.jsonl", n, seed=seed)
-    tok_dir = root / "tokenizer"
-    Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(50, seed=seed)], vocab_size=263).save(tok_dir)
-    prepare(Tokenizer.load(tok_dir), [jsonl], root / "data", fmt="chat", overwrite=True, progress=False)
-    return tok_dir, root / "data"
 
 
 def dev_accuracy(model_dir: Path, tok: Tokenizer, task, dev) -> float:
@@ -89,23 +83,30 @@ def run_seed(args, seed: int) -> dict:
     root = args.work / f"seed{seed}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    tok_dir, data = prepare_data(task, root, args.cold_start, seed)
+    paths = prepare_cold_start(task, root, args.cold_start, seed=seed)
+    tok_dir, data = paths["tokenizer"], paths["data"]
     tok = Tokenizer.load(tok_dir)
     dev = task.generate(args.dev_n, seed=DEV_SEED, split="train")
 
-    # 1. cold-start SFT
+    # 1. cold-start SFT, in chunks, until the dev accuracy is modest (or --sft-steps exactly)
     sft_fields = {"out": str(root / "sft"), "data": str(data), "tokenizer": str(tok_dir), "seed": seed,
                   "progress": False}
-    if args.sft_steps:
-        sft_fields["max_steps"] = args.sft_steps
-    sft_recipe = load_recipe(args.sft_recipe, sft_fields)
-    sft_recipe.save_every = sft_recipe.max_steps
-    c0, w0 = time.process_time(), time.perf_counter()
-    train(sft_recipe)
-    sft_cpu, sft_wall = time.process_time() - c0, time.perf_counter() - w0
-    per_step = sft_cpu / sft_recipe.max_steps
-    print(f"[seed {seed}] SFT {sft_recipe.max_steps} steps: {sft_cpu:.0f} CPU-s ({per_step:.3f}/step), "
-          f"dev acc {dev_accuracy(root / 'sft' / 'model', tok, task, dev):.3f}", flush=True)
+    base = load_recipe(args.sft_recipe, sft_fields)
+    cap = args.sft_steps or args.sft_max_steps
+    chunk = min(args.sft_chunk, cap)
+    steps, sft_cpu, sft_wall, sft_curve = 0, 0.0, 0.0, []
+    while steps < cap:
+        steps = min(steps + chunk, cap)
+        recipe = dataclasses.replace(base, max_steps=steps, save_every=chunk, resume=steps > chunk)
+        c0, w0 = time.process_time(), time.perf_counter()
+        train(recipe)
+        sft_cpu, sft_wall = sft_cpu + time.process_time() - c0, sft_wall + time.perf_counter() - w0
+        acc = dev_accuracy(root / "sft" / "model", tok, task, dev)
+        sft_curve.append((steps, sft_cpu, acc))
+        print(f"[seed {seed}] SFT step {steps}: {sft_cpu:.0f} CPU-s, dev acc {acc:.3f}", flush=True)
+        if not args.sft_steps and acc >= args.modest:
+            break
+    per_step = sft_cpu / steps
 
     # 2. GRPO for the budget
     grpo_recipe = load_grpo_recipe(args.grpo_recipe, {
@@ -118,27 +119,28 @@ def run_seed(args, seed: int) -> dict:
     grpo_wall = time.perf_counter() - w0
     print(f"[seed {seed}] GRPO {g['step']} steps: {g['cpu_seconds']:.0f} CPU-s", flush=True)
 
-    # 3. the control: resume the SFT run for the same CPU-seconds
+    # 3. the control: the SFT run resumed until it has used at least GRPO's CPU-seconds
     control = root / "control"
     shutil.copytree(root / "sft", control)
-    extra = max(1, round(g["cpu_seconds"] / per_step))
-    chunk = max(1, extra // args.control_chunks)
-    ctl_recipe = load_recipe(args.sft_recipe, {**sft_fields, "out": str(control), "resume": True,
-                                               "max_steps": sft_recipe.max_steps + extra, "save_every": chunk,
-                                               "keep_last": args.control_chunks + 2})
-    c0, w0 = time.process_time(), time.perf_counter()
-    train(ctl_recipe)
-    ctl_cpu, ctl_wall = time.process_time() - c0, time.perf_counter() - w0
-    print(f"[seed {seed}] control {extra} more SFT steps: {ctl_cpu:.0f} CPU-s", flush=True)
+    ctl_steps, ctl_cpu, ctl_wall = steps, 0.0, 0.0
+    while ctl_cpu < 0.98 * g["cpu_seconds"]:
+        more = max(1, round((g["cpu_seconds"] - ctl_cpu) / per_step))
+        ctl_steps += more
+        recipe = dataclasses.replace(base, out=str(control), max_steps=ctl_steps, resume=True,
+                                     save_every=max(1, more // args.control_chunks), keep_last=100)
+        c0, w0 = time.process_time(), time.perf_counter()
+        train(recipe)
+        ctl_cpu, ctl_wall = ctl_cpu + time.process_time() - c0, ctl_wall + time.perf_counter() - w0
+    print(f"[seed {seed}] control {ctl_steps - steps} more SFT steps: {ctl_cpu:.0f} CPU-s", flush=True)
 
-    # curves on the dev set (CPU-seconds after the cold start)
+    # curves on the dev set, against CPU-seconds after the cold start
     grpo_curve = [(r.get("cpu_seconds", 0.0), r["eval_accuracy"]) for r in read_metrics(root / "grpo")
                   if "eval_accuracy" in r]
-    ctl_curve = [(0.0, grpo_curve[0][1] if grpo_curve else None)]
+    ctl_curve = [(0.0, sft_curve[-1][2])]
     for ckpt in sorted((control / "checkpoints").glob("step-*")):
-        steps = int(ckpt.name.split("-")[1]) - sft_recipe.max_steps
-        if steps > 0:
-            ctl_curve.append((steps * per_step, dev_accuracy(ckpt / "model", tok, task, dev)))
+        extra = int(ckpt.name.split("-")[1]) - steps
+        if extra > 0:
+            ctl_curve.append((extra * ctl_cpu / (ctl_steps - steps), dev_accuracy(ckpt / "model", tok, task, dev)))
 
     # 4. held-out evaluation
     results = {}
@@ -148,9 +150,10 @@ def run_seed(args, seed: int) -> dict:
         results[name] = {k: v for k, v in res.items() if not k.startswith("per_problem")}
         print(f"[seed {seed}] {name:<8} greedy {fmt_metric(res['greedy_accuracy'])}  "
               f"pass@1 {fmt_metric(res['pass@1'])}", flush=True)
-    return {"seed": seed, "sft_steps": sft_recipe.max_steps, "sft_cpu_seconds": sft_cpu, "sft_wall_seconds": sft_wall,
-            "sft_cpu_per_step": per_step, "grpo_steps": g["step"], "grpo_cpu_seconds": g["cpu_seconds"],
-            "grpo_wall_seconds": grpo_wall, "control_steps": extra, "control_cpu_seconds": ctl_cpu,
+    return {"seed": seed, "sft_steps": steps, "sft_cpu_seconds": sft_cpu, "sft_wall_seconds": sft_wall,
+            "sft_cpu_per_step": per_step, "sft_curve": sft_curve, "grpo_steps": g["step"],
+            "grpo_cpu_seconds": g["cpu_seconds"], "grpo_wall_seconds": grpo_wall,
+            "control_steps": ctl_steps - steps, "control_cpu_seconds": ctl_cpu,
             "control_wall_seconds": ctl_wall, "grpo_curve": grpo_curve, "control_curve": ctl_curve,
             "grpo_metrics": read_metrics(root / "grpo"), "results": results}
 

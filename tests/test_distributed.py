@@ -185,14 +185,21 @@ def test_global_batch_must_divide_over_processes(corpus, tmp_path):
 
 # ---- worker (runs under torchrun) ----------------------------------------------------------------
 def _dispatch_worker(out: str) -> None:
+    from nanoseek.train.distributed import Parallel
+
+    torch.set_num_threads(1)
+    parallel = Parallel.init(ep=2, device="cpu")
+    _compare_dispatch(parallel, out)
+    parallel.close()
+
+
+def _compare_dispatch(parallel, out: str) -> None:
     """Compare ExpertParallelExperts against the full RoutedExperts on each rank's tokens."""
     import torch.distributed as dist
 
     from nanoseek.model import RoutedExperts
-    from nanoseek.train.distributed import ExpertParallelExperts, Parallel
+    from nanoseek.train.distributed import ExpertParallelExperts
 
-    torch.set_num_threads(1)
-    parallel = Parallel.init(ep=2, device="cpu")
     rank, E, D, I, N, k = parallel.rank, 8, 16, 8, 12, 2
     torch.manual_seed(0)
     full = RoutedExperts(E, D, I)
@@ -226,7 +233,6 @@ def _dispatch_worker(out: str) -> None:
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     if parallel.is_main:
         Path(out).write_text(json.dumps(dict(zip(result, diffs.tolist()))))
-    parallel.close()
 
 
 if __name__ == "__main__":

@@ -239,3 +239,7 @@ def test_distill_keeps_only_correct_traces(policy, tmp_path, monkeypatch):
         assert r["messages"][1]["reasoning_content"] == task.solve(p)
         assert r["messages"][1]["content"] == f"<answer>{p.answer}</answer>"
     assert (tmp_path / "d" / "student" / "model" / "config.json").exists()
+    from nanoseek.cli import main
+    assert main(["distill", "--teacher", str(policy), "--task", "addition3", "--out", str(tmp_path / "cli"),
+                 "--problems", "6", "--samples", "2", "--no-train"]) == 0
+    assert json.loads((tmp_path / "cli" / "distill.json").read_text())["kept_traces"] == 6

@@ -131,3 +131,15 @@ def test_problem_roundtrip():
     from nanoseek.tasks import Problem
     p = get_task("countdown3").generate(1)[0]
     assert Problem.from_dict(json.loads(json.dumps(p.as_dict()))) == p
+
+
+def test_prepare_cold_start(tmp_path):
+    from nanoseek.data import TokenLoader
+    from nanoseek.tasks import prepare_cold_start
+    from nanoseek.tokenizer import Tokenizer
+    paths = prepare_cold_start("addition3", tmp_path, 8, seed=0)
+    tok = Tokenizer.load(paths["tokenizer"])
+    assert tok.vocab_size == 263  # byte level: every digit is one token
+    assert [tok.decode([i]) for i in tok.encode("9036")] == list("9036")
+    batch = TokenLoader(paths["data"], "train", batch_size=2, seq_len=128, whole_documents=True).next_batch()
+    assert batch.target_mask.any() and not batch.target_mask.all()  # the loss is on the replies only

@@ -87,7 +87,7 @@ def plot_expert_load(folder: Path, out: Path) -> Path | None:
 def plot_rl(folder: Path, out: Path) -> Path | None:
     """Reward, accuracy and completion length per GRPO step."""
     rows = read_metrics(folder)
-    keys = [k for k in ("reward_mean", "accuracy", "completion_length") if any(k in r for r in rows)]
+    keys = [k for k in ("reward_mean", "accuracy", "completion_len", "eval_accuracy") if any(k in r for r in rows)]
     if not keys:
         return None
     plt = _plt()
@@ -95,7 +95,8 @@ def plot_rl(folder: Path, out: Path) -> Path | None:
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), lw=1)
-        ax.set_title(key.replace("_", " "))
+        ax.set_title({"accuracy": "rollout accuracy", "completion_len": "completion length (tokens)",
+                      "eval_accuracy": "held-out accuracy"}.get(key, key.replace("_", " ")))
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -66,7 +66,25 @@ def write_chat_jsonl(task: Task | str, path: str | Path, n: int, seed: int = 0, 
     return path
 
 
-__all__ = ["Task", "Problem", "TASKS", "get_task", "register", "Addition", "Multiplication", "Countdown",
+def prepare_cold_start(task: Task | str, out: str | Path, n: int, seed: int = 0, difficulty: int | None = None,
+                       vocab_size: int | None = None, progress: bool = False) -> dict:
+    """Everything cold-start SFT needs, in folder `out`: cold_start.jsonl (n solver traces), tokenizer/
+    and data/ (token shards with loss masks on the replies). The default tokenizer is byte-level (the
+    7 special tokens + 256 bytes, no merges), so every digit is its own token, which small models
+    need to learn arithmetic; a larger `vocab_size` learns BPE merges from the traces.
+    Returns {"jsonl", "tokenizer", "data"} paths."""
+    from ..data import prepare
+    from ..data.sources import training_texts
+    from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
+    out = Path(out)
+    jsonl = write_chat_jsonl(task, out / "cold_start.jsonl", n, seed=seed, difficulty=difficulty)
+    tok = Tokenizer.train(training_texts([jsonl], "chat"), vocab_size or MIN_VOCAB_SIZE)
+    tok.save(out / "tokenizer")
+    prepare(tok, [jsonl], out / "data", fmt="chat", overwrite=True, progress=progress)
+    return {"jsonl": jsonl, "tokenizer": out / "tokenizer", "data": out / "data"}
+
+
+__all__ = ["prepare_cold_start", "Task", "Problem", "TASKS", "get_task", "register", "Addition", "Multiplication", "Countdown",
            "Rewards", "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer",
            "split_reply", "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace",
            "multiplication_trace", "solve_countdown", "check_expression", "evaluate", "ExpressionError",
