@@ -17,7 +17,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         assert -1e-9 <= r["ci_low"] <= r["accuracy"] + 1e-9 and r["accuracy"] <= r["ci_high"] + 1e-9 <= 1 + 2e-9
         assert r["n"] == 24
     moe, dense = results["moe_vs_dense"]["moe"], results["moe_vs_dense"]["dense"]
-    assert moe["activated_params"] == dense["activated_params"] and moe["total_params"] > dense["total_params"]
+    # equal activated width; the MoE also activates its small routing gates (experts x hidden per layer)
+    assert abs(moe["activated_params"] - dense["activated_params"]) <= 0.01 * dense["activated_params"]
+    assert moe["total_params"] > 1.5 * dense["total_params"]
     assert moe["tokens"] == dense["tokens"]
     report = (run / "report.md").read_text()
     for section in ("## Model", "## Training", "## Held-out accuracy", "## MoE versus dense", "## Cost"):
