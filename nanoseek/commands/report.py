@@ -38,14 +38,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="a run folder written by `nanoseek demo`")
+    p.add_argument("folder", metavar="RUN", type=Path, help="a run folder written by `nanoseek demo`")
 
 
 @command("report", "(re)write the report card of a run folder", _report_arguments)
 def cmd_report(args: argparse.Namespace) -> int:
     from ..errors import DataError
     from ..eval.report import render
-    if not (args.run / "results.json").exists():
-        raise DataError(f"{args.run}: no results.json (run `nanoseek demo --out {args.run}` first)")
-    print(render(args.run))
+    if not (args.folder / "results.json").exists():
+        raise DataError(f"{args.folder}: no results.json (run `nanoseek demo --out {args.folder}` first)")
+    print(render(args.folder))
     return EXIT_OK
