@@ -84,23 +84,27 @@ def main() -> None:
         recipe = ["--data", str(data), "--preset", a.preset, "--model", json.dumps({"vocab_size": 1024}),
                   "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--max-steps", str(a.steps),
                   "--warmup-steps", "2", "--eval-every", "0", "--save-every", "0", "--progress", "false"]
+        load_before = os.getloadavg()[0]
         runs = [run("1 process", 1, 1, min(cores, 2), recipe, tmp / "one"),
+                run("1 process, 1 thread", 1, 1, 1, recipe, tmp / "one-thread"),
                 run("2 processes, FSDP2", 2, 1, max(cores // 2, 1), recipe, tmp / "fsdp"),
                 run("2 processes, FSDP2 + EP=2", 2, 2, max(cores // 2, 1), recipe, tmp / "ep")]
     base = runs[0]
     print(f"{a.preset}, global batch {a.batch_size} x {a.seq_len} tokens, {a.steps} steps (median after "
-          f"{WARMUP_STEPS}), {cores} CPU cores, gloo")
+          f"{WARMUP_STEPS}), {cores} CPU cores, gloo, load average {load_before:.1f} before the runs")
     print(f"{'run':<28} {'threads/proc':>12} {'tokens/s':>10} {'vs 1 proc':>10} {'max |loss diff|':>16}")
     for r in runs:
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["max_loss_diff"] = max(abs(x - y) for x, y in zip(r["losses"], base["losses"]))
         print(f"{r['name']:<28} {r['threads_per_process']:>12} {r['tokens_per_s']:>10.0f} "
               f"{r['speedup']:>9.2f}x {r['max_loss_diff']:>16.2e}")
-    print("On this machine the point is correctness (same losses), not speed: with 2 cores, one process "
-          "already uses both, and 2 processes add collectives over loopback.")
+    print("On this machine the point is correctness (same losses), not speed-up: with 2 cores, one process "
+          "already uses both, 2 processes add collectives over loopback, and other jobs on the machine (see "
+          "the load average) disturb multi-threaded runs most.")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"preset": a.preset, "batch_size": a.batch_size, "seq_len": a.seq_len,
                                  "steps": a.steps, "cpu_cores": cores, "machine": platform.machine(),
+                                 "load_average_before": load_before,
                                  "runs": runs}, indent=2))
     print(f"wrote {a.out}")
 

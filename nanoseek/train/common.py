@@ -276,7 +276,7 @@ def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel=None
     model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
     if parallel is not None:
         from .distributed import parallelize
-        model = parallelize(model, parallel)
+        model = parallelize(model, parallel.mesh)
     optimizer = optimizer_for(model)
     state = json.loads((ckpt / STATE_FILE).read_text())
     tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))

@@ -1,7 +1,8 @@
 """Scale-out on torch.distributed: data parallel with FSDP2 and expert parallelism (EP).
 
 The model code knows nothing of this: `parallelize(model, mesh)` rewrites a built `Transformer` from
-outside, as torchtitan does.
+outside, as torchtitan does. Under torchrun: `parallel = Parallel.init(ep=...)`, then
+`parallelize(model, parallel.mesh)`; `Parallel` also carries the helpers the trainer needs.
 
 Mesh: 2-D ("dp", "ep") of shape (W / ep, ep) over W processes. Every process is a data-parallel rank
 (it reads its own rows of the batch). Routed experts are split over the "ep" dimension: EP rank c owns
@@ -59,13 +60,9 @@ def make_mesh(ep: int = 1, device_type: str | None = None) -> DeviceMesh:
 class Parallel:
     """Where this process sits: the mesh, its groups, and the device it computes on."""
 
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # ("dp", "ep"), see make_mesh
     device: torch.device
     owns_process_group: bool = False  # init() created it, close() destroys it
-
-    def __post_init__(self):
-        # all W ranks as one dimension: what the non-expert parameters are sharded over
-        self.fsdp_mesh = self.mesh._flatten("dp_ep")
 
     @classmethod
     def init(cls, ep: int | None = None, device: str = "auto", timeout_s: float = 1800) -> "Parallel":
@@ -80,15 +77,17 @@ class Parallel:
             backend = "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
-        if owns:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if owns:  # device_id: NCCL connects eagerly and DeviceMesh splits its groups from the world's
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=device if backend == "nccl" else None)
         return cls(make_mesh(ep, device.type), device, owns)
 
     def close(self) -> None:
         """Leave the process group. Call it once the parallelized model is gone: a DeviceMesh (which
         the model's DTensors share) keeps the default process group alive, and one that is still alive
-        when the interpreter shuts down can abort the process (torch 2.13, gloo; seen in ~1 run in 5)."""
-        self.mesh = self.fsdp_mesh = None
+        when the interpreter shuts down can abort the process at exit (torch 2.13 with gloo: "terminate
+        called without an active exception", in up to 1 run in 5 here)."""
+        self.mesh = None
         gc.collect()  # FSDP modules sit in reference cycles: free them, and with them the mesh, now
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -243,31 +242,37 @@ def _source_major_to_expert_major(counts: torch.Tensor) -> torch.Tensor:
 
 
 # ---- parallelize ---------------------------------------------------------------------------------
-def parallelize(model: Transformer, parallel: Parallel, *, reshard_after_forward: bool = True) -> Transformer:
+def parallelize(model: Transformer, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> Transformer:
     """Apply EP (when the mesh's "ep" dimension is > 1) and FSDP2 to a built model, in place.
 
-    Every rank must pass the same weights (same seed, or the same checkpoint). Units of FSDP: each
-    routed-experts module (over "dp", when EP), each block (MTP blocks too), then the root (embedding,
-    final norm, head, MTP projections and norms) over all ranks. Returns the model, now holding this rank's shards.
+    mesh: ("dp", "ep") as `make_mesh` builds it, or any 1-D mesh (FSDP only). Every rank must pass the
+    same weights (same seed, or the same checkpoint). Units of FSDP: each routed-experts module (over
+    "dp", when EP), each block (MTP blocks too), then the root (embedding, final norm, head, MTP
+    projections and norms) over all ranks. Returns the model, now holding this rank's shards.
     """
-    ep = parallel.ep
+    if mesh.mesh_dim_names == ("dp", "ep"):
+        ep, fsdp_mesh = mesh["ep"].size(), mesh._flatten("dp_ep")  # all W ranks as one dimension
+    elif mesh.ndim == 1:
+        ep, fsdp_mesh = 1, mesh
+    else:
+        raise ConfigError(f"parallelize needs a 1-D mesh or a ('dp', 'ep') mesh, got {mesh}")
     if ep > 1:
-        group = parallel.mesh.get_group("ep")
+        group, ep_rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
         for moe in model.moe_layers():
-            moe.experts = ExpertParallelExperts.from_experts(moe.experts, group, parallel.ep_rank, ep)
+            moe.experts = ExpertParallelExperts.from_experts(moe.experts, group, ep_rank, ep)
     # an MTP module's own norms and projection are used outside its block (the head norm is applied by
     # Transformer.mtp_logits): they stay in the root unit, only the block is a unit of its own
     for block in [*model.layers, *(m.block for m in model.mtp)]:
         if ep > 1 and isinstance(block.mlp, MoE):
             experts = block.mlp.experts
-            fully_shard(experts, mesh=parallel.mesh["dp"], reshard_after_forward=reshard_after_forward)
-            experts.set_gradient_divide_factor(float(parallel.world_size))
-            if parallel.mesh["dp"].size() > 1 and parallel.device.type == "cpu":
+            fully_shard(experts, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
+            experts.set_gradient_divide_factor(float(mesh.size()))
+            if mesh["dp"].size() > 1 and mesh.device_type == "cpu":
                 # gloo has no pre-multiplied sum: a plain sum, then a division. (Not with one rank per
                 # expert group: torch 2.13 would then divide twice.)
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=parallel.fsdp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=parallel.fsdp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -310,21 +315,25 @@ def _full(t: torch.Tensor, is_expert: bool, parallel: Parallel) -> torch.Tensor:
     return t
 
 
-def gather_state_dict(model: Transformer, parallel: Parallel) -> dict[str, torch.Tensor] | None:
-    """The single-process state_dict (full tensors, on CPU) on rank 0; None elsewhere."""
+def gather_state_dict(model: Transformer, parallel: Parallel, everywhere: bool = False
+                      ) -> dict[str, torch.Tensor] | None:
+    """The single-process state_dict (full tensors, on CPU) on rank 0, or on every rank; None elsewhere."""
     experts = expert_parameter_names(model)
+    keep = everywhere or parallel.is_main
     out = {}
     for name, t in model.state_dict().items():
         full = _full(t.detach(), name in experts, parallel)
-        if parallel.is_main:
+        if keep:
             out[name] = full.cpu()
-    return out if parallel.is_main else None
+    return out if keep else None
 
 
-def gather_model(model: Transformer, parallel: Parallel, device: str | torch.device = "cpu") -> Transformer | None:
-    """A plain single-process copy of a parallelized model on rank 0 (None elsewhere): what checkpoints
-    save and what samples generate with. Holds the full model in rank 0's memory."""
-    state = gather_state_dict(model, parallel)
+def gather_model(model: Transformer, parallel: Parallel, device: str | torch.device = "cpu",
+                 everywhere: bool = False) -> Transformer | None:
+    """A plain single-process copy of a parallelized model on rank 0 (None elsewhere), or on every
+    rank: what checkpoints save, what samples (and data-parallel rollouts, which stop at different
+    lengths on each rank) generate with, free of collectives. Holds the full model in memory."""
+    state = gather_state_dict(model, parallel, everywhere)
     if state is None:
         return None
     config = copy.deepcopy(model.config)

@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -103,12 +104,20 @@ def train(recipe: TrainRecipe) -> dict:
     """Run (or resume) a training run; returns a summary dict (also written as summary.json).
     Started by torchrun with WORLD_SIZE > 1, every process calls this and they train together."""
     recipe.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if recipe.batch_size % world:
+        raise ConfigError(f"invalid recipe field 'batch_size': the global batch ({recipe.batch_size} rows) must "
+                          f"be divisible by the number of processes ({world})")
     parallel = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun with several processes
+    if world > 1:
         from .distributed import Parallel
         parallel = Parallel.init(device=recipe.device)
     try:
         return _train(recipe, parallel)
+    except BaseException as e:
+        if parallel is not None:  # let close() free the model: the traceback's frames hold it
+            traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if parallel is not None:
             parallel.close()
@@ -118,9 +127,6 @@ def _train(recipe: TrainRecipe, parallel) -> dict:
     device = parallel.device if parallel is not None else resolve_device(recipe.device)
     main = parallel is None or parallel.is_main
     rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
-    if recipe.batch_size % world:
-        raise ConfigError(f"invalid recipe field 'batch_size': the global batch ({recipe.batch_size} rows) must "
-                          f"be divisible by the number of processes ({world})")
     run_dir = Path(recipe.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_folder(run_dir, recipe)
@@ -134,7 +140,7 @@ def _train(recipe: TrainRecipe, parallel) -> dict:
         model = build_model(recipe, device)
         if parallel is not None:
             from .distributed import parallelize
-            model = parallelize(model, parallel)
+            model = parallelize(model, parallel.mesh)
         optimizer = build_optimizer(model, recipe)
         state = {"step": 0, "tokens": 0, "wall_seconds": 0.0}
     cfg = model.config
