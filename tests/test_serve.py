@@ -324,7 +324,17 @@ def test_full_queue_answers_503_and_rate_limit_429(server):
         api._hits.clear()
 
 
-def test_client_disconnect_cancels_generation(server):
+def test_client_disconnect_cancels_generation(server, monkeypatch):
+    # A fast machine finishes 500 toy tokens inside any client timeout: pace the engine so that the
+    # request is certainly still running when the client hangs up.
+    engine = server.scheduler.engine
+    step = engine.step
+
+    def paced_step():
+        time.sleep(0.005)
+        return step()
+    monkeypatch.setattr(engine, "step", paced_step)
+
     def in_flight():
         return httpx.get(server.url + "/health").json()["in_flight"]
 
