@@ -126,8 +126,8 @@ def test_eval_random_model_and_cli(model_dir, tmp_path, capsys):
 
 
 def test_write_eval_examples(tmp_path):
-    res = {"task": "addition3", "n": 1, "k": 0, "temperature": 0.6, "greedy_accuracy": {"value": 1.0, "ci95": [0.2, 1.0]},
-           "format_rate": 1.0, "mean_completion_tokens": 10, "examples": [{"prompt": "q", "completion": "c",
-                                                                          "correct": True}]}
+    res = {"task": "addition3", "n": 1, "k": 0, "temperature": 0.6, "format_rate": 1.0,
+           "greedy_accuracy": {"value": 1.0, "ci95": [0.2, 1.0]}, "mean_completion_tokens": 10,
+           "examples": [{"prompt": "q", "completion": "c", "correct": True}]}
     _, md = write_eval(res, tmp_path, "m")
     assert "**q** (correct)" in md.read_text()

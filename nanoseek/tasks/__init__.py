@@ -84,8 +84,8 @@ def prepare_cold_start(task: Task | str, out: str | Path, n: int, seed: int = 0,
     return {"jsonl": jsonl, "tokenizer": out / "tokenizer", "data": out / "data"}
 
 
-__all__ = ["prepare_cold_start", "Task", "Problem", "TASKS", "get_task", "register", "Addition", "Multiplication", "Countdown",
-           "Rewards", "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer",
-           "split_reply", "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace",
-           "multiplication_trace", "solve_countdown", "check_expression", "evaluate", "ExpressionError",
-           "write_chat_jsonl", "ANSWER_OPEN", "ANSWER_CLOSE"]
+__all__ = ["Task", "Problem", "TASKS", "get_task", "register", "Addition", "Multiplication", "Countdown", "Rewards",
+           "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer", "split_reply",
+           "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace", "multiplication_trace",
+           "solve_countdown", "check_expression", "evaluate", "ExpressionError", "write_chat_jsonl",
+           "prepare_cold_start", "ANSWER_OPEN", "ANSWER_CLOSE"]
