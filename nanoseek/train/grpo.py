@@ -556,6 +556,9 @@ def plot_grpo(run_dir: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+        elif keys == ("kl",):
+            ax.text(0.5, 0.5, "not logged: beta = 0\n(no reference model)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
     fig.tight_layout()
     out = run_dir / "grpo.png"
     fig.savefig(out, dpi=110)
