@@ -37,10 +37,12 @@ def free_port() -> int:
 
 
 def torchrun(args: list[str], ep: int = 1, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=nproc ARGS` on 127.0.0.1, one thread per worker; fails with the log."""
+    """`torchrun --nproc_per_node=nproc ARGS` on 127.0.0.1, one thread per worker; fails with the log.
+    tests/ is on the path too (GRPO runs import this file's reward)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NANOSEEK_EP": str(ep)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
+           "NANOSEEK_EP": str(ep)}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[:6000]}\n...\n" \
                                  f"{proc.stderr[-3000:]}"
@@ -182,6 +184,96 @@ def test_global_batch_must_divide_over_processes(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"'batch_size'.*divisible by the number of processes \(2\)"):
         train_here(base_recipe(corpus, tmp_path / "odd", batch_size=3))
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------
+def checksum_reward(prompts, completions, **columns) -> list[float]:
+    """A reward a random model's samples differ in, whatever they are (accuracy is 0 for all)."""
+    return [(sum(map(ord, text)) % 7) / 4 for text in completions]
+
+
+@pytest.fixture(scope="module")
+def grpo_policy(tmp_path_factory):
+    """A random MoE (8 experts over 2 groups) with a byte-level tokenizer beside it."""
+    from nanoseek import ModelConfig, Transformer, save_model
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("grpo") / "policy"
+    task = get_task("addition3")
+    tok = Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(20)], vocab_size=263)
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.preset("tiny", **{**SMALL_MODEL, "vocab_size": 272,
+                                                         "max_position_embeddings": 256})), root)
+    tok.save(root)
+    return root
+
+
+def grpo_recipe(policy: Path, out: Path, **overrides) -> dict:
+    """2 steps of 4 prompts x 4 samples; mu 2 (stored old log-probs), a KL term (reference model) and
+    micro-batches of 3 (ranks keep different numbers of completions: some run dead micro-batches)."""
+    values = dict(init_from=str(policy), out=str(out), task="addition3", prompts_per_step=4, group_size=4,
+                  max_new_tokens=12, mask_truncated=False, mu=2, beta=0.05, micro_batch=3, max_steps=2, lr=1e-3,
+                  save_every=1, eval_every=2, eval_n=6, bias_update_speed=0.01, progress=False,
+                  rewards={"test_distributed:checksum_reward": 1.0, "format": 0.1})
+    values.update(overrides)
+    return values
+
+
+def grpo_cli(recipe: dict, folder: Path) -> list[str]:
+    lines = [f"{k} = {json.dumps(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
+    lines += ["[rewards]"] + [f'"{k}" = {v}' for k, v in recipe["rewards"].items()]
+    path = folder / "grpo.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return ["-m", "nanoseek", "grpo", "--recipe", str(path)]
+
+
+def assert_same_grpo_run(single: Path, parallel: Path) -> dict:
+    rows_a, rows_b = metrics(single), metrics(parallel)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [0, 1, 2]
+    diffs = {}
+    for a, b in zip(rows_a, rows_b):
+        for key in ("reward_mean", "completion_len", "kept_seqs", "eval_accuracy", "zero_std_frac"):
+            if key in a:  # the same rollouts: per-group generators do not depend on the world size
+                assert a[key] == pytest.approx(b[key], abs=1e-9), (key, a[key], b[key])
+        for key in ("loss", "kl", "entropy", "grad_norm", "ratio"):
+            if key in a:
+                diffs[key] = max(diffs.get(key, 0.0), abs(a[key] - b[key]))
+    diffs["weights"] = max_weight_diff(single / "model", parallel / "model")
+    print(f"GRPO max differences vs one process: {diffs}")
+    assert all(diffs[k] < LOSS_TOL for k in ("loss", "kl", "entropy", "ratio")), diffs
+    assert diffs["grad_norm"] < GRAD_NORM_TOL and diffs["weights"] < WEIGHT_TOL, diffs
+    return diffs
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(grpo_policy, tmp_path_factory):
+    from nanoseek.train.grpo import GRPORecipe, grpo
+    out = tmp_path_factory.mktemp("grpo-ref") / "run"
+    torch.manual_seed(0)
+    grpo(GRPORecipe(**grpo_recipe(grpo_policy, out)))
+    return out
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp", "fsdp+ep2"])
+def test_grpo_data_parallel_matches_one_process(grpo_policy, grpo_reference, tmp_path, ep):
+    """GRPO under torchrun (rollouts split over 2 ranks, sharded update; with EP=2 too): the same
+    rollouts, losses and weights as one process, and checkpoints that resume in one process."""
+    run = tmp_path / "dp"
+    recipe = grpo_recipe(grpo_policy, run)
+    torchrun(grpo_cli(recipe, tmp_path), ep=ep)
+    assert_same_grpo_run(grpo_reference, run)
+    assert json.loads((run / "summary.json").read_text())["step"] == 2
+    from nanoseek.train.grpo import GRPORecipe, grpo
+    grpo(GRPORecipe(**{**recipe, "max_steps": 3, "resume": True, "eval_every": 0}))  # 2 ranks -> 1
+    assert metrics(run)[-1]["step"] == 3
+
+
+def test_grpo_prompts_must_divide_over_processes(grpo_policy, tmp_path, monkeypatch):
+    from nanoseek import ConfigError
+    from nanoseek.train.grpo import GRPORecipe, grpo
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"'prompts_per_step': 4 prompts cannot be split evenly over 3"):
+        grpo(GRPORecipe(**grpo_recipe(grpo_policy, tmp_path / "odd")))
 
 
 # ---- memory arithmetic ---------------------------------------------------------------------------

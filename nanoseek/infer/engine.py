@@ -190,11 +190,15 @@ class Engine:
         return outs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 generator: torch.Generator | None = None) -> list[Request]:
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> list[Request]:
         """Run prompts to completion (a static batch through the same machinery); returns the requests.
-        With `generator`, all requests sample from it (reproducible for the same batch)."""
+        With `generator`, all requests sample from it (reproducible for the same batch); with a list,
+        one per prompt (prompts may share one: they then draw together, whatever else is batched)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        reqs = [self.add(p, sp, generator=generator) for p, sp in zip(prompts, params)]
+        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+        if len(params) != len(prompts) or len(generators) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} params and {len(generators)} generators")
+        reqs = [self.add(p, sp, generator=g) for p, sp, g in zip(prompts, params, generators)]
         while any(not r.finished for r in reqs):
             self.step()
         return reqs
@@ -407,7 +411,8 @@ class Engine:
     # ---- sampling -------------------------------------------------------------------------------
     def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """logits (n, V) -> one token per request by its own params and generator. Rows with the same
-        params share one probabilities() call; each seeded row draws from its own generator."""
+        params share one probabilities() call; rows sharing a generator draw together from it, in row
+        order, so what they sample does not depend on the other rows in the batch."""
         tokens = logits.argmax(dim=-1).tolist()
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(reqs):
@@ -416,14 +421,17 @@ class Engine:
                 groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
         for (temperature, top_p, top_k), rows in groups.items():
             probs = probabilities(logits[rows], temperature, top_p, top_k)  # (g, V)
-            generators = {id(reqs[i].generator): reqs[i].generator for i in rows}
-            if len(generators) == 1:  # one generator (or none) for the group: one draw for all rows
-                picks = torch.multinomial(probs, 1, generator=next(iter(generators.values()))).squeeze(-1)
-                for i, t in zip(rows, picks.tolist()):
-                    tokens[i] = t
-            else:
-                for j, i in enumerate(rows):
-                    tokens[i] = sample(probs[j], reqs[i].generator)
+            shared: dict[int, list[int]] = {}  # generator -> positions in rows, in row order
+            for j, i in enumerate(rows):
+                shared.setdefault(id(reqs[i].generator), []).append(j)
+            for members in shared.values():
+                generator = reqs[rows[members[0]]].generator
+                if len(members) == 1 and len(shared) > 1:  # a request with its own generator
+                    tokens[rows[members[0]]] = sample(probs[members[0]], generator)
+                else:  # requests sharing a generator (a batch, a GRPO group): one draw for them all
+                    picks = torch.multinomial(probs[members], 1, generator=generator).squeeze(-1)
+                    for j, t in zip(members, picks.tolist()):
+                        tokens[rows[j]] = t
         return tokens
 
     def _set_drafts(self, reqs: list[Request], logits: torch.Tensor):

@@ -45,12 +45,16 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens: int):
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             eos_token_id: int | list[int] | None = None) -> list[list[int]]:
+             eos_token_id: int | list[int] | None = None,
+             generator: torch.Generator | list[torch.Generator] | None = None) -> list[list[int]]:
     """Generate up to max_new_tokens for each prompt (lists of token ids, any lengths).
 
     Returns the generated ids per prompt, ending at (and including) an eos token if one is produced.
     Greedy when temperature is 0; otherwise temperature / top_k / top_p sampling; with `seed`, the
-    batch draws from one generator seeded with it (the same call gives the same tokens).
+    batch draws from one generator seeded with it (the same call gives the same tokens). `generator`
+    instead: one generator for the batch, or a list with one per prompt; prompts that share one draw
+    together from it, so what they sample does not depend on the rest of the batch (GRPO seeds a
+    generator per group this way: its rollouts do not depend on how prompts are split over ranks).
     Runs on `Engine`: one left-padded prefill, then one token per step over the latent cache.
     """
     cfg = model.config
@@ -61,7 +65,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                     prefill_chunk=sum(len(p) for p in prompts), eos_ids=())
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             stop_token_ids=eos)
-    generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+    if generator is not None and seed is not None:
+        raise ValueError("pass seed or generator, not both")
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generator)} generators")
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:

@@ -133,6 +133,19 @@ class Parallel:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def all_reduce_max(self, value: float) -> float:
+        """The largest of a number over ranks."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def all_gather_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's (n, k) table, rank 0's rows first (n must be equal on all ranks)."""
+        local = table.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(table.device)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (e.g. a stop signal seen by one)."""
         t = torch.tensor([int(flag)], device=self.device)

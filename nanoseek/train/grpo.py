@@ -21,6 +21,14 @@ One step:
 
 The run folder is a training run folder (train/common.py): checkpoints/ with model, optimizer, RNG and
 state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel, sharded like training (FSDP2, plus
+expert parallelism with NANOSEEK_EP): every rank draws the same prompts and takes its contiguous share
+of them (whole groups, so advantages stay local), samples them with a full copy of the current policy
+gathered from the shards (generation stops at different lengths on each rank, which sharded forwards,
+being collectives, cannot), and the update runs on the shards with the loss normalised by the global
+token / completion counts. Each group samples from its own generator, seeded by (seed, step, prompt), so
+rollouts, and with them the run, do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +198,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float = 0.2, loss_agg: str = "token", max_len: int | None = None,
-              num_seqs: int | None = None, num_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+              num_seqs: float | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective as a loss to minimise.
 
     logp, old_logp, ref_logp, mask: (B, T) per completion token (mask 1 where the token counts);
@@ -211,13 +221,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     num_seqs = num_seqs if num_seqs is not None else int((seq_tokens > 0).sum())
     num_tokens = num_tokens if num_tokens is not None else int(mask.sum())
     if loss_agg == "sequence":
-        loss = ((per_token * mask).sum(dim=1) / seq_tokens.clamp(min=1)).sum() / max(num_seqs, 1)
+        loss = ((per_token * mask).sum(dim=1) / seq_tokens.clamp(min=1)).sum() / _positive(num_seqs)
     elif loss_agg == "token":
-        loss = (per_token * mask).sum() / max(num_tokens, 1)
+        loss = (per_token * mask).sum() / _positive(num_tokens)
     else:
         if max_len is None:
             raise ValueError("loss_agg 'dr_grpo' needs max_len (max_new_tokens)")
-        loss = (per_token * mask).sum() / max(num_seqs * max_len, 1)
+        loss = (per_token * mask).sum() / _positive(num_seqs * max_len)
     with torch.no_grad():
         clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
         stats = {"clipped_tokens": (clipped.to(mask.dtype) * mask).sum(), "tokens": mask.sum(),
@@ -225,6 +235,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         if kl is not None:
             stats["kl_sum"] = (kl * mask).sum()
     return loss, stats
+
+
+def _positive(denominator: float) -> float:
+    """A loss denominator, 1 when there is nothing to divide (data parallel passes count / W, which
+    may be below 1)."""
+    return denominator if denominator > 0 else 1
 
 
 def completion_logprobs(model: Transformer, ids: torch.Tensor, temperature: float = 1.0,
@@ -274,16 +290,23 @@ def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]],
 
 # ---- the trainer --------------------------------------------------------------------------------
 class GRPOTrainer:
-    """Holds the policy, the optional reference, the optimizer and the task; `run()` trains."""
+    """Holds the policy, the optional reference, the optimizer and the task; `run()` trains.
+    parallel (a distributed.Parallel): this process is one rank of a data-parallel run (see above)."""
 
-    def __init__(self, recipe: GRPORecipe):
+    def __init__(self, recipe: GRPORecipe, parallel=None):
         from ..tasks import Rewards, get_task
         from ..tokenizer import Tokenizer
         from .trainer import resolve_device
         self.recipe = recipe.validate()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
-        self.device = resolve_device(recipe.device)
+        self.parallel = parallel
+        self.main = parallel is None or parallel.is_main
+        self.rank, self.world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+        if recipe.prompts_per_step % self.world:
+            raise ConfigError(f"invalid GRPO recipe field 'prompts_per_step': {recipe.prompts_per_step} prompts "
+                              f"cannot be split evenly over {self.world} processes")
+        self.device = parallel.device if parallel is not None else resolve_device(recipe.device)
         self.run_dir = Path(recipe.out)
         self.task = get_task(recipe.task)
         self.rewards = Rewards(dict(recipe.rewards))
@@ -298,17 +321,20 @@ class GRPOTrainer:
         ckpt = existing if recipe.resume else None
         if ckpt is not None:
             self.model, self.optimizer, saved = load_checkpoint(ckpt, lambda m: build_optimizer(m, recipe),
-                                                                self.device)
+                                                                self.device, parallel=parallel)
             self._check_resume(saved, ckpt)
             self.state.update({k: saved[k] for k in self.state if k in saved})
         else:
             self.model = load_model(recipe.init_from, device=self.device, dtype=torch.float32).train()
+            if parallel is not None:
+                from .distributed import parallelize
+                self.model = parallelize(self.model, parallel.mesh)
             self.optimizer = build_optimizer(self.model, recipe)
         self.resumed_from = ckpt
         for moe in self.model.moe_layers():
             moe.aux_loss_alpha = 0.0  # no balance loss in RL; the bias update is optional
         self.reference = None
-        if recipe.beta > 0:
+        if recipe.beta > 0:  # a full copy on every rank: it only runs forwards, free of collectives
             self.reference = load_model(recipe.init_from, device=self.device, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
         if self.model.config.vocab_size < self.tokenizer.vocab_size:
@@ -334,20 +360,35 @@ class GRPOTrainer:
             raise GRPOError(f"{ckpt} is already at step {saved['step']} >= max_steps {self.recipe.max_steps}; "
                             "raise max_steps to continue")
 
+    def _policy(self) -> Transformer:
+        """The model to sample from: the policy itself, or under data parallelism a full copy gathered
+        from the shards (a collective)."""
+        if self.parallel is None:
+            return self.model
+        from .distributed import gather_model
+        return gather_model(self.model, self.parallel, device=self.device, everywhere=True)
+
     # -- one step -----------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollouts:
+        """This rank's share of the step's prompts, G samples each (all of them in one process)."""
         from .. import infer
         from ..eval.tasks import prompt_ids
         from ..tasks.base import make_rng
         r = self.recipe
         rng = make_rng("grpo", r.seed, step)
         problems = [self.task.sample(rng, "train", r.difficulty) for _ in range(r.prompts_per_step)]
+        share = r.prompts_per_step // self.world
+        first = self.rank * share
+        problems = problems[first:first + share]
         prompts = prompt_ids(self.tokenizer, problems)
+        policy = self._policy()
         t0 = time.perf_counter()
         rows = [p for p in prompts for _ in range(r.group_size)]
-        outs = infer.generate(self.model, rows, max_new_tokens=self.max_new_tokens, temperature=r.temperature,
-                              top_p=r.top_p, top_k=r.top_k, seed=(r.seed * 1_000_003 + step) % 2 ** 62,
-                              eos_token_id=self.tokenizer.eos_id)
+        generators = [torch.Generator(device=self.device).manual_seed(group_seed(r.seed, step, first + i))
+                      for i in range(len(prompts))]
+        outs = infer.generate(policy, rows, max_new_tokens=self.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, eos_token_id=self.tokenizer.eos_id,
+                              generator=[g for g in generators for _ in range(r.group_size)])
         seconds = time.perf_counter() - t0
         eos = self.tokenizer.eos_id
         texts = [self.tokenizer.decode(o) for o in outs]
@@ -355,10 +396,11 @@ class GRPOTrainer:
         probs = [p for p in problems for _ in range(r.group_size)]
         total, parts = self.rewards([p.prompt for p in probs], texts, problem=probs,
                                     answer=[p.answer for p in probs], truncated=truncated)
-        return Rollouts(probs, rows, outs, texts, truncated, torch.tensor(total), parts, seconds)
+        return Rollouts(probs, rows, outs, texts, truncated, torch.tensor(total, dtype=torch.float32), parts,
+                        seconds)
 
     def update(self, ro: Rollouts, step: int) -> dict:
-        r = self.recipe
+        r, parallel = self.recipe, self.parallel
         adv, zero_std = group_advantages(ro.rewards, r.group_size, r.scale_rewards)
         keep = torch.ones(len(adv), dtype=torch.bool)
         if r.filter_zero_std:
@@ -367,14 +409,27 @@ class GRPOTrainer:
             keep &= ~torch.tensor(ro.truncated)
         keep &= torch.tensor([len(c) > 0 for c in ro.completion_ids])
         idx = keep.nonzero().flatten().tolist()
+        ids, mask = pack_sequences([ro.prompt_ids[i] for i in idx or [0]],
+                                   [ro.completion_ids[i] for i in idx or [0]], self.tokenizer.pad_id)
+        if not idx:  # nothing to learn from here; a row that counts for nothing keeps the ranks in step
+            mask.zero_()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        adv = adv[idx].to(self.device) if idx else torch.zeros(1, device=self.device)
+        num_seqs, num_tokens = float(len(idx)), float(mask.sum())
+        chunks = [slice(s, s + r.micro_batch) for s in range(0, ids.shape[0], r.micro_batch)]
         stats = {"zero_std_frac": zero_std.float().mean().item(), "kept_seqs": len(idx)}
-        if not idx:
+        if parallel is not None:
+            # global denominators / W: FSDP averages the gradients over the W ranks. Every rank runs the
+            # same number of (collective) forwards: ranks with fewer micro-batches repeat a dead one
+            counts = parallel.all_reduce_sum([torch.tensor([num_seqs, num_tokens, len(chunks)],
+                                                           dtype=torch.float64)])[0]
+            stats["kept_seqs"] = int(counts[0])
+            stats["zero_std_frac"] = parallel.mean_floats({"z": stats["zero_std_frac"]})["z"]  # equal group counts
+            num_seqs, num_tokens = float(counts[0]) / self.world, float(counts[1]) / self.world
+            most = int(parallel.all_reduce_max(len(chunks)))
+            chunks += [None] * (most - len(chunks))
+        if stats["kept_seqs"] == 0:
             return stats | {"skipped_update": 1}
-        ids, mask = pack_sequences([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
-                                   self.tokenizer.pad_id)
-        ids, mask, adv = ids.to(self.device), mask.to(self.device), adv[idx].to(self.device)
-        num_seqs, num_tokens = len(idx), int(mask.sum())
-        chunks = [slice(s, s + r.micro_batch) for s in range(0, len(idx), r.micro_batch)]
         old, ref = self._fixed_logprobs(ids, chunks)
         t0 = time.perf_counter()
         totals = {"clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0}
@@ -383,30 +438,49 @@ class GRPOTrainer:
             group["lr"] = lr
         for it in range(r.mu):
             loads = None
-            for sl in chunks:
+            for j, sl in enumerate(chunks):
+                live = sl is not None
+                sl = sl if live else slice(0, 1)
+                m = mask[sl] if live else torch.zeros_like(mask[sl])
                 logp, entropy = completion_logprobs(self.model, ids[sl], r.temperature, with_entropy=it == 0)
-                old_logp = old[sl] if old is not None else logp.detach()
-                loss, s = grpo_loss(logp, old_logp, adv[sl], mask[sl], ref_logp=ref[sl] if ref is not None else None,
-                                    beta=r.beta, eps_low=r.eps_low, eps_high=r.eps_high, loss_agg=r.loss_agg,
-                                    max_len=self.max_new_tokens, num_seqs=num_seqs, num_tokens=num_tokens)
-                if not math.isfinite(loss.item()):
-                    raise GRPOError(f"non-finite GRPO loss ({loss.item()}) at step {step + 1}; the last checkpoint "
-                                    "is intact: lower lr and resume")
+                old_logp = old[j] if old is not None else logp.detach()
+                loss, s = grpo_loss(logp, old_logp, adv[sl] if live else torch.zeros_like(adv[sl]), m,
+                                    ref_logp=ref[j] if ref is not None else None, beta=r.beta, eps_low=r.eps_low,
+                                    eps_high=r.eps_high, loss_agg=r.loss_agg, max_len=self.max_new_tokens,
+                                    num_seqs=num_seqs, num_tokens=num_tokens)
+                finite = math.isfinite(loss.item())
+                if parallel is not None:
+                    finite = not parallel.any(not finite)
+                if not finite:
+                    raise GRPOError(f"non-finite GRPO loss at step {step + 1}; the last checkpoint is intact: "
+                                    "lower lr and resume")
                 loss.backward()
                 if it == 0:
                     loss_sum += loss.item()
                     for key in ("clipped_tokens", "tokens", "ratio_sum", "kl_sum"):
                         totals[key] += float(s.get(key, 0.0))
-                    totals["entropy_sum"] += float((entropy * mask[sl]).sum())
+                    totals["entropy_sum"] += float((entropy * m).sum())
                 step_loads = expert_loads(self.model)
+                if not live:
+                    step_loads = [torch.zeros_like(x) for x in step_loads]
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
+            if parallel is None:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
+            else:
+                from .distributed import clip_grad_norm_
+                norm = clip_grad_norm_(self.model, r.grad_clip or float("inf"), parallel)
+                loads = parallel.all_reduce_sum(loads or [])
             grad_norm = norm.item() if it == 0 else grad_norm
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             update_routing_bias(self.model, loads or [], r.bias_update_speed)
         seconds = time.perf_counter() - t0
-        forwarded = int(ids.numel()) * r.mu
+        forwarded = int(mask.shape[0] * ids.shape[1]) * r.mu if idx else 0
+        if parallel is not None:
+            summed = parallel.all_reduce_sum([torch.tensor([totals[k] for k in sorted(totals)] + [forwarded],
+                                                           dtype=torch.float64)])[0].tolist()
+            totals, forwarded = dict(zip(sorted(totals), summed[:-1])), int(summed[-1])
+            loss_sum = parallel.mean_floats({"loss": loss_sum})["loss"]  # each rank divided by count / W
         tokens = max(totals["tokens"], 1.0)
         stats.update(loss=loss_sum, grad_norm=grad_norm, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
                      ratio=totals["ratio_sum"] / tokens, entropy=totals["entropy_sum"] / tokens,
@@ -417,64 +491,95 @@ class GRPOTrainer:
         return stats
 
     @torch.no_grad()
-    def _fixed_logprobs(self, ids: torch.Tensor, chunks) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs of the sampling policy (needed when mu > 1) and of the reference (beta > 0)."""
+    def _fixed_logprobs(self, ids: torch.Tensor, chunks) -> tuple[list | None, list | None]:
+        """Log-probs, per micro-batch, of the sampling policy (needed when mu > 1) and of the
+        reference (beta > 0). A dead micro-batch (None) is row 0 again."""
         r = self.recipe
-        old = torch.cat([completion_logprobs(self.model, ids[sl], r.temperature)[0] for sl in chunks]) \
-            if r.mu > 1 else None
-        ref = torch.cat([completion_logprobs(self.reference, ids[sl], r.temperature)[0] for sl in chunks]) \
+        parts = [sl if sl is not None else slice(0, 1) for sl in chunks]
+        old = [completion_logprobs(self.model, ids[sl], r.temperature)[0] for sl in parts] if r.mu > 1 else None
+        ref = [completion_logprobs(self.reference, ids[sl], r.temperature)[0] for sl in parts] \
             if self.reference is not None else None
         return old, ref
 
     def step_metrics(self, ro: Rollouts) -> dict:
-        lengths = [len(c) for c in ro.completion_ids]
+        """Rollout statistics; under data parallelism, over every rank's rollouts."""
+        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
+        truncated = torch.tensor(ro.truncated, dtype=torch.float64)
+        names = sorted(ro.parts)
+        columns = [ro.rewards.double(), lengths, truncated] + [torch.tensor(ro.parts[n], dtype=torch.float64)
+                                                                for n in names]
+        table = torch.stack(columns, dim=1)
+        seconds = ro.seconds
+        if self.parallel is not None:
+            table = self.parallel.all_gather_rows(table)
+            seconds = self.parallel.all_reduce_max(seconds)  # the step waits for the slowest rank
+        rewards, lengths, truncated = table[:, 0], table[:, 1], table[:, 2]
         G = self.recipe.group_size
-        rewards = ro.rewards.view(-1, G)
-        row = {"reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
-               "reward_group_std": rewards.std(dim=1).mean().item(),
-               "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
-               "truncated_frac": sum(ro.truncated) / len(ro.truncated),
-               "rollout_tokens": sum(lengths), "rollout_tokens_per_s": sum(lengths) / max(ro.seconds, 1e-9),
-               "rollout_seconds": ro.seconds}
-        for name, values in ro.parts.items():
-            row[f"reward_{name}"] = sum(values) / len(values)
+        row = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "reward_group_std": rewards.view(-1, G).std(dim=1).mean().item(),
+               "completion_len": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+               "truncated_frac": truncated.mean().item(),
+               "rollout_tokens": int(lengths.sum()), "rollout_tokens_per_s": lengths.sum().item() / max(seconds, 1e-9),
+               "rollout_seconds": seconds}
+        for k, name in enumerate(names):
+            row[f"reward_{name}"] = table[:, 3 + k].mean().item()
         if "accuracy" in ro.parts:
             row["accuracy"] = row["reward_accuracy"]
         return row
 
     def evaluate(self) -> float:
+        """Greedy accuracy on eval_n problems (under data parallelism each rank takes every W-th)."""
         from ..eval.tasks import evaluate_task
         if self.eval_problems is None:
             self.eval_problems = self.task.generate(self.recipe.eval_n, seed=1234, split=self.recipe.eval_split,
                                                     difficulty=self.recipe.difficulty)
-        res = evaluate_task(self.model, self.tokenizer, self.task, problems=self.eval_problems, k=0,
-                            max_new_tokens=self.max_new_tokens)
+        policy = self._policy()
+        mine = self.eval_problems[self.rank::self.world]
+        correct = 0.0
+        if mine:
+            res = evaluate_task(policy, self.tokenizer, self.task, problems=mine, k=0,
+                                max_new_tokens=self.max_new_tokens)
+            correct = res["greedy_accuracy"]["value"] * len(mine)
+        if self.parallel is not None:
+            correct = self.parallel.all_reduce_sum([torch.tensor([correct], dtype=torch.float64)])[0].item()
         self.model.train()
-        return res["greedy_accuracy"]["value"]
+        return correct / len(self.eval_problems)
+
+    def _stop(self, signalled: bool) -> str | None:
+        """Why to stop before the next step (the same answer on every rank), or None."""
+        r, st = self.recipe, self.state
+        out_of_time = bool(r.max_seconds) and st["cpu_seconds"] >= r.max_seconds
+        if self.parallel is not None:
+            signalled, out_of_time = self.parallel.any(signalled), self.parallel.any(out_of_time)
+        return "signal" if signalled else "max_seconds" if out_of_time else None
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         from tqdm import tqdm
         from .trainer import _StopRequest
-        r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.json").write_text(json.dumps(r.as_dict(), indent=2))
-        logger = MetricsLogger(self.run_dir, resume_step=self.state["step"] if self.resumed_from else None)
-        if self.resumed_from is None:
-            logger.path.write_text("")
+        r, main = self.recipe, self.main
+        logger = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.json").write_text(json.dumps(r.as_dict(), indent=2))
+            logger = MetricsLogger(self.run_dir, resume_step=self.state["step"] if self.resumed_from else None)
+            if self.resumed_from is None:
+                logger.path.write_text("")
         st = self.state
         step = st["step"]
         bar = tqdm(total=r.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True,
-                   disable=not r.progress)
+                   disable=not (r.progress and main))
         last_saved = step if self.resumed_from is not None else -1
         stopped_by = None
         try:
             with _StopRequest() as stop:
                 if r.eval_every and step == 0:
-                    logger.log({"step": 0, "eval_accuracy": self.evaluate()})
-                while step < r.max_steps and stop.signal is None:
-                    if r.max_seconds and st["cpu_seconds"] >= r.max_seconds:
-                        stopped_by = "max_seconds"
+                    accuracy = self.evaluate()
+                    if main:
+                        logger.log({"step": 0, "eval_accuracy": accuracy})
+                while step < r.max_steps:
+                    stopped_by = self._stop(stop.signal is not None)
+                    if stopped_by is not None:
                         break
                     t0, c0 = time.perf_counter(), time.process_time()
                     ro = self.rollout(step)
@@ -490,7 +595,7 @@ class GRPOTrainer:
                                cpu_seconds=st["cpu_seconds"])
                     if r.eval_every and (step % r.eval_every == 0 or step == r.max_steps):
                         row["eval_accuracy"] = self.evaluate()
-                    if step % r.log_every == 0 or "eval_accuracy" in row:
+                    if main and (step % r.log_every == 0 or "eval_accuracy" in row):
                         logger.log({k: v for k, v in row.items()})
                     bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}",
                                     len=f"{row['completion_len']:.0f}")
@@ -500,23 +605,39 @@ class GRPOTrainer:
                         last_saved = step
                 if last_saved != step:
                     self.save(step)
-                if stop.signal is not None:
-                    stopped_by = "signal"
         finally:
             bar.close()
-            logger.close()
-        save_model(self.model, self.run_dir / "model")
-        copy_tokenizer(self.tokenizer_dir, self.run_dir / "model")
-        plot_grpo(self.run_dir)
+            if logger is not None:
+                logger.close()
+        self._publish()
         summary = {"step": step, "stopped_by": stopped_by, "model": str(self.run_dir / "model"),
                    **{k: st[k] for k in ("wall_seconds", "cpu_seconds", "rollout_tokens", "update_tokens")}}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            plot_grpo(self.run_dir)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _publish(self) -> None:
+        """model/: the HF-format model and the tokenizer (gathered from the shards, written by rank 0)."""
+        model = self.model
+        if self.parallel is not None:
+            from .distributed import gather_model
+            model = gather_model(self.model, self.parallel)
+        if self.main:
+            save_model(model, self.run_dir / "model")
+            copy_tokenizer(self.tokenizer_dir, self.run_dir / "model")
+        if self.parallel is not None:
+            self.parallel.barrier()
 
     def save(self, step: int) -> None:
         state = {**self.state, "recipe": {k: getattr(self.recipe, k) for k in RESUME_KEYS}}
         save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.recipe.keep_last,
-                        self.tokenizer_dir)
+                        self.tokenizer_dir, parallel=self.parallel)
+
+
+def group_seed(seed: int, step: int, prompt: int) -> int:
+    """The sampling seed of one group: prompt `prompt` (its index in the step's global prompt list)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + prompt & 0x7FFF_FFFF_FFFF_FFFF
 
 
 # fields that must not change between a run and its resumption
@@ -524,8 +645,26 @@ RESUME_KEYS = ("init_from", "task", "difficulty", "seed", "prompts_per_step", "g
 
 
 def grpo(recipe: GRPORecipe) -> dict:
-    """Run (or resume) GRPO; returns the summary (also written as summary.json)."""
-    return GRPOTrainer(recipe).run()
+    """Run (or resume) GRPO; returns the summary (also written as summary.json). Started by torchrun
+    with WORLD_SIZE > 1, every process calls this and they train together."""
+    recipe.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if recipe.prompts_per_step % world:
+        raise ConfigError(f"invalid GRPO recipe field 'prompts_per_step': {recipe.prompts_per_step} prompts "
+                          f"cannot be split evenly over {world} processes")
+    parallel = None
+    if world > 1:
+        from .distributed import Parallel
+        parallel = Parallel.init(device=recipe.device)
+    try:
+        return GRPOTrainer(recipe, parallel).run()
+    except BaseException as e:
+        if parallel is not None:  # let close() free the model: the traceback's frames hold it
+            traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        if parallel is not None:
+            parallel.close()
 
 
 # ---- curves -------------------------------------------------------------------------------------
