@@ -116,7 +116,6 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
                                model=model_overrides(vocab)))
 
     _stage(f"4/8 GRPO from the SFT model ({s.grpo_steps} steps)", progress)
-    grpo_dir = run / "grpo"
     grpo = _grpo_stage(run, sft, tok_dir, s, progress)
 
     _stage("5/8 control: equal compute spent on more SFT", progress)

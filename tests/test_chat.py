@@ -11,25 +11,12 @@ import torch
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.cli import main
 from nanoseek.infer import load_tokenizer
-from nanoseek.infer.toy import CONVERSATIONS, make_toy_chat_model
+from nanoseek.infer.toy import CONVERSATIONS
 from nanoseek.serve import Policy, load_engine
 from nanoseek.serve.chat import DIM, RESET, TerminalChat
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "toy-chat"
-    if not (path / "config.json").exists():
-        make_toy_chat_model(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

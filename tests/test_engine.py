@@ -14,27 +14,12 @@ from nanoseek.infer import (Engine, IncrementalDetokenizer, ReasoningSplitter, S
                             load_tokenizer)
 from nanoseek.infer.engine import Request
 from nanoseek.infer.scheduler import QueueFull, Scheduler
-from nanoseek.infer.toy import CONVERSATIONS, make_toy_chat_model
+from nanoseek.infer.toy import CONVERSATIONS
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 3], [7, 7, 100], [1], [900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 25]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread (and do not thrash a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    """A tiny model (with MTP) that memorized R1-style conversations, and its tokenizer (shared on disk)."""
-    path = tmp_path_factory.getbasetemp() / "toy-chat"
-    if not (path / "config.json").exists():
-        make_toy_chat_model(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,40 +5,21 @@ import json
 import math
 
 import pytest
-import torch
 
-import nanoseek
-from nanoseek import ModelConfig, Transformer
 from nanoseek.eval import (evaluate_model, evaluate_task, majority_correct, markdown_table, mean_interval, pass_at_k,
                            wilson_interval, write_eval)
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
 
-TINY = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            first_k_dense_replace=1, num_attention_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
-            num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, max_position_embeddings=256, num_nextn_predict_layers=0)
 TASK = get_task("addition3")
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and much faster when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    tok = Tokenizer.train([TASK.completion(p) + p.prompt for p in TASK.generate(20)], vocab_size=263)
-    torch.manual_seed(0)
-    nanoseek.save_model(Transformer(ModelConfig.preset("tiny", **TINY)), root / "model")
-    tok.save(root / "model")
-    return root / "model"
+def model_dir(tiny_task_model):
+    return tiny_task_model
 
 
 def test_wilson_interval():

@@ -8,39 +8,23 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek import ConfigError, ModelConfig, Transformer
+from nanoseek import ConfigError
 from nanoseek.errors import CheckpointError
 from nanoseek.tasks import Rewards, get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import (GRPOError, GRPORecipe, GRPOTrainer, grpo, grpo_loss, group_advantages, k3_kl,
                                  load_grpo_recipe, pack_sequences)
 
-TINY = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            first_k_dense_replace=1, num_attention_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
-            num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, max_position_embeddings=256, num_nextn_predict_layers=0)
+from conftest import TINY_TASK_MODEL as TINY  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and much faster when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(tiny_task_model):
     """A random tiny MoE with a byte-level tokenizer saved beside it (an HF model folder)."""
-    root = tmp_path_factory.mktemp("grpo")
-    task = get_task("addition3")
-    tok = Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(20)], vocab_size=263)
-    torch.manual_seed(0)
-    nanoseek.save_model(Transformer(ModelConfig.preset("tiny", **TINY)), root / "policy")
-    tok.save(root / "policy")
-    return root / "policy"
+    return tiny_task_model
 
 
 # ---- the math -----------------------------------------------------------------------------------

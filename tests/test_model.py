@@ -143,6 +143,13 @@ def test_small_batch_all_experts_path_equals_dispatch():
         fast = experts(x, idx, w)  # 2 * 5 * 3 >= 8 experts: every expert at once
     sorted_path = experts(x, idx, w)  # grad enabled: sorted dispatch
     assert torch.allclose(fast, sorted_path, atol=1e-5)
+    # which path: decoding a few rows runs every expert; a 256-token prefill would waste 3x the FLOPs
+    # of the selected experts (top-4 of 16) on the others, and dispatches instead; so do few tokens
+    # that cannot hit most experts, and experts too big to stay in cache
+    bench = RoutedExperts(16, 256, 128)
+    assert experts._all_experts_pays(5, 3) and bench._all_experts_pays(8, 4)
+    assert not bench._all_experts_pays(256, 4) and not bench._all_experts_pays(1, 4)
+    assert not RoutedExperts(64, 512, 256)._all_experts_pays(1, 6)  # 100 MB of experts
 
 
 def test_sequence_aux_loss_by_hand():

@@ -12,11 +12,10 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from nanoseek.infer import SamplingParams
-from nanoseek.infer.toy import CONVERSATIONS, make_toy_chat_model
+from nanoseek.infer.toy import CONVERSATIONS
 from nanoseek.serve import Policy, PolicyError, ServerConfig, build_app
 
 KEY = "test-key"
@@ -40,20 +39,7 @@ rules:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "toy-chat"
-    if not (path / "config.json").exists():
-        make_toy_chat_model(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Server:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import uvicorn
 
-from nanoseek.infer.toy import CONVERSATIONS, make_toy_chat_model
+from nanoseek.infer.toy import CONVERSATIONS
 from nanoseek.serve import ServerConfig, build_app
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -31,14 +31,6 @@ new MutationObserver(() => {
                        box.querySelector('details.thinking').open]);
 }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
 """
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "toy-chat"
-    if not (path / "config.json").exists():
-        make_toy_chat_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -323,3 +323,21 @@ def copy_tokenizer(tokenizer_dir: str | Path, model_dir: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy2(src / name, model_dir / name)
+
+
+def run_on_all_ranks(run, device: str = "auto"):
+    """`run(parallel)` once per process: parallel is None in a single process; under torchrun
+    (WORLD_SIZE > 1) this joins the process group first (distributed.Parallel) and always leaves it."""
+    import os
+    import traceback
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run(None)
+    from .distributed import Parallel
+    parallel = Parallel.init(device=device)
+    try:
+        return run(parallel)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # let close() free the model: the traceback's frames hold it
+        raise
+    finally:
+        parallel.close()

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import time
-import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from ..checkpoint import load_model, save_model
 from ..errors import CheckpointError, ConfigError, NanoseekError
 from ..model import Transformer
 from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
-                     load_checkpoint, lr_at, read_metrics, save_checkpoint, update_routing_bias)
+                     load_checkpoint, lr_at, read_metrics, run_on_all_ranks, save_checkpoint, update_routing_bias)
 from .recipe import _coerce, read_recipe_file
 
 LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
@@ -652,19 +651,7 @@ def grpo(recipe: GRPORecipe) -> dict:
     if recipe.prompts_per_step % world:
         raise ConfigError(f"invalid GRPO recipe field 'prompts_per_step': {recipe.prompts_per_step} prompts "
                           f"cannot be split evenly over {world} processes")
-    parallel = None
-    if world > 1:
-        from .distributed import Parallel
-        parallel = Parallel.init(device=recipe.device)
-    try:
-        return GRPOTrainer(recipe, parallel).run()
-    except BaseException as e:
-        if parallel is not None:  # let close() free the model: the traceback's frames hold it
-            traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        if parallel is not None:
-            parallel.close()
+    return run_on_all_ranks(lambda parallel: GRPOTrainer(recipe, parallel).run(), recipe.device)
 
 
 # ---- curves -------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from ..infer import generate
 from ..model import Transformer
 from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, global_denominators,
                      latest_checkpoint, load_balance, load_checkpoint, loss_masks, lr_at, mtp_depths, plot_losses,
-                     save_checkpoint, training_loss, update_routing_bias)
+                     run_on_all_ranks, save_checkpoint, training_loss, update_routing_bias)
 from .recipe import TrainRecipe
 
 
@@ -108,19 +107,7 @@ def train(recipe: TrainRecipe) -> dict:
     if recipe.batch_size % world:
         raise ConfigError(f"invalid recipe field 'batch_size': the global batch ({recipe.batch_size} rows) must "
                           f"be divisible by the number of processes ({world})")
-    parallel = None
-    if world > 1:
-        from .distributed import Parallel
-        parallel = Parallel.init(device=recipe.device)
-    try:
-        return _train(recipe, parallel)
-    except BaseException as e:
-        if parallel is not None:  # let close() free the model: the traceback's frames hold it
-            traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        if parallel is not None:
-            parallel.close()
+    return run_on_all_ranks(lambda parallel: _train(recipe, parallel), recipe.device)
 
 
 def _train(recipe: TrainRecipe, parallel) -> dict:

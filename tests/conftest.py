@@ -1,0 +1,50 @@
+"""Fixtures shared by several test modules: one CPU thread for tiny models, the toy chat model, and a
+random tiny MoE with a byte-level tokenizer for the reasoning tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# a random tiny MoE for the reasoning tests: byte-level vocabulary, 4 experts, no MTP
+TINY_TASK_MODEL = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                       num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, n_routed_experts=4,
+                       n_group=1, topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16,
+                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
+                       num_nextn_predict_layers=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and much faster when other processes share the CPU.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny model (with MTP) that memorized R1-style conversations, and its tokenizer (on disk)."""
+    from nanoseek.infer.toy import make_toy_chat_model
+    path = tmp_path_factory.getbasetemp() / "toy-chat"
+    if not (path / "config.json").exists():
+        make_toy_chat_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task_model(tmp_path_factory):
+    """A random TINY_TASK_MODEL with a byte-level tokenizer (trained on addition3 text) beside it."""
+    import nanoseek
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("tiny-task") / "model"
+    task = get_task("addition3")
+    tok = Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(20)], vocab_size=263)
+    torch.manual_seed(0)
+    nanoseek.save_model(Transformer(ModelConfig.preset("tiny", **TINY_TASK_MODEL)), root)
+    tok.save(root)
+    return root
