@@ -100,6 +100,44 @@ ALL_EXPERTS_MAX_BYTES = 16 * 2**20
 ALL_EXPERTS_MAX_WASTED_FLOPS = 40e6
 
 
+_GROUPED_MM: dict[tuple, bool] = {}
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs (forward and backward) for x's device and dtype: probed once on
+    tiny tensors (CPU fp32 in torch 2.13 does; CUDA wants bf16 on recent GPUs)."""
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_MM:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                with torch.enable_grad():
+                    a = torch.randn(4, 16, device=x.device, dtype=x.dtype, requires_grad=True)
+                    b = torch.randn(2, 16, 16, device=x.device, dtype=x.dtype, requires_grad=True)
+                    offs = torch.tensor([1, 4], device=x.device, dtype=torch.int32)
+                    y = torch._grouped_mm(a, b, offs=offs)
+                    y.backward(torch.ones_like(y))
+                    ref = torch.cat([a[:1] @ b[0], a[1:] @ b[1]])
+                    ok = torch.allclose(y, ref, atol=1e-2, rtol=1e-2)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM[key] = ok
+    return _GROUPED_MM[key]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (torch._grouped_mm's backward
+    rejects the expanded gradients that, e.g., a .sum() produces)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up (E, 2I, D) = [gate; up], down (E, D, I).
 
@@ -121,8 +159,22 @@ class RoutedExperts(nn.Module):
             return self._all_experts(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (N*k,) pair ids grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.n_experts)
         x_sorted = x.index_select(0, order // k)  # (N*k, D); index_select's backward is a cheap index_add
+        out = self.grouped_experts(x_sorted, counts)
+        # back to (token, slot) order, then the weighted sum over the k slots
+        out = out.index_select(0, order.argsort()).view(N, k, -1)
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+
+    def grouped_experts(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False) -> torch.Tensor:
+        """x: (R, D) rows grouped by expert, counts[e] rows for expert e -> (R, D), each row through its
+        expert. `torch._grouped_mm` where this backend has it (two grouped matmuls, no per-expert ops,
+        no host sync; every expert gets a gradient, zeros when it had no rows); else a loop over the
+        experts (those without rows skipped unless run_empty)."""
+        if use_grouped_mm(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs))
         if torch.is_grad_enabled():
             # one UnbindBackward stacks all expert grads at once; indexing gate_up[e] would make every
             # expert's backward write a zero-filled copy of the whole stacked tensor
@@ -130,14 +182,11 @@ class RoutedExperts(nn.Module):
         else:
             gate_up, down = self.gate_up, self.down
         outs = []
-        for block, e in zip(x_sorted.split(counts), range(self.n_experts)):
-            if block.shape[0]:
+        for block, e in zip(x.split(counts.tolist()), range(self.n_experts)):
+            if block.shape[0] or run_empty:
                 gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down[e]))
-        out = torch.cat(outs)  # no in-place writes: autograd keeps one small node per expert
-        # back to (token, slot) order, then the weighted sum over the k slots
-        out = out.index_select(0, order.argsort()).view(N, k, -1)
-        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])  # no in-place writes: small nodes
 
 
     def _bytes(self) -> int:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -195,27 +194,19 @@ class ExpertParallelExperts(RoutedExperts):
         recv_splits = recv_counts.sum(dim=1).tolist()
         received = all_to_all(x_sorted, recv_splits, send_splits, self.group)  # (R, D)
         by_expert = _source_major_to_expert_major(recv_counts)
-        out = self._local_experts(received.index_select(0, by_expert), recv_counts.sum(dim=0).tolist())
+        out = self._local_experts(received.index_select(0, by_expert), recv_counts.sum(dim=0))
         out = out.index_select(0, by_expert.argsort())  # back to [source rank, expert] order
         back = all_to_all(out, send_splits, recv_splits, self.group)  # (N*k, D), x_sorted order
         back = back.index_select(0, order.argsort()).view(N, k, -1)
         return (back * weights.to(back.dtype).unsqueeze(-1)).sum(dim=1)
 
-    def _local_experts(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) grouped by local expert, counts[e] rows each -> (R, D).
 
         Every expert runs, also on an empty block: the graph (and so the backward all-to-all, a
         collective) is then the same on every rank, and every local expert gets a gradient (zeros
         when no token reached it), which FSDP's reduce-scatter needs on all ranks alike."""
-        if torch.is_grad_enabled():
-            gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        else:
-            gate_up, down = self.gate_up, self.down
-        outs = []
-        for e, block in enumerate(x.split(counts)):
-            gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down[e]))
-        return torch.cat(outs)
+        return self.grouped_experts(x, counts, run_empty=True)
 
 
 class _AllToAll(torch.autograd.Function):
