@@ -5,7 +5,7 @@ Stages (each writes into RUN/ and is skipped when already complete, so an interr
   2. tokenizer byte-level BPE with DeepSeek-R1's special tokens, trained on those traces
   3. sft       a tiny DeepSeek-style MoE (MLA + shared/routed experts + MTP) trained from scratch on the traces
   4. grpo      reinforcement learning with verifiable rewards (accuracy + format) from the SFT model
-  5. control   the same compute spent on more SFT instead of GRPO (is RL really what helped?)
+  5. control   the same training compute spent on more SFT instead of GRPO (is RL really what helped?)
   6. dense     the same recipe with a dense model of equal activated parameters (MoE vs dense)
   7. eval      held-out greedy accuracy with 95% intervals for every model
   8. report    RUN/report.md with plots, RUN/model (the final reasoner, HF format + tokenizer)
@@ -178,10 +178,13 @@ def _grpo_stage(run: Path, sft: Path, tok_dir: Path, s: DemoSettings, progress: 
 
 
 def _control_steps(run: Path, s: DemoSettings) -> int:
-    """SFT steps that take as long as GRPO did (equal compute on this machine), at least 1."""
-    grpo_wall = json.loads((run / "grpo" / "summary.json").read_text())["wall_seconds"]
-    sft = json.loads((run / "sft" / "summary.json").read_text())
-    return max(1, round(grpo_wall / (sft["wall_seconds"] / max(sft["step"], 1))))
+    """SFT steps with the training compute GRPO used, at least 1: its update tokens (a forward and a
+    backward pass, like an SFT token) plus its generated tokens at a third (a forward pass only).
+    Counted in tokens, not seconds, so that the demo is deterministic for a seed; on this CPU it comes
+    to about what equal wall time gives (e.g. 251 steps against 287)."""
+    grpo = json.loads((run / "grpo" / "summary.json").read_text())
+    training_tokens = grpo["update_tokens"] + grpo["rollout_tokens"] / 3
+    return max(1, round(training_tokens / (s.batch_size * s.seq_len)))
 
 
 def _evaluate(run: Path, label: str, folder: Path, tok, task, s: DemoSettings, progress: bool) -> dict:

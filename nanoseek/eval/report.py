@@ -195,6 +195,10 @@ def _accuracy_lines(results: dict) -> list[str]:
              "intervals.", "", "| model | accuracy | problems |", "|---|---:|---:|"]
     for label, r in acc.items():
         lines.append(f"| {label} | {_interval(r)} | {r.get('n', '')} |")
+    if any("control" in label for label in acc):
+        lines += ["", "The control continues the SFT run from the same model instead of GRPO, for as many training "
+                  "tokens as GRPO used (its update tokens, plus its generated tokens at a third: a forward pass): "
+                  "is it the reinforcement learning that helped, or just more training?"]
     return lines + [""]
 
 
