@@ -100,6 +100,12 @@ ALL_EXPERTS_MAX_BYTES = 16 * 2**20
 ALL_EXPERTS_MAX_WASTED_FLOPS = 40e6
 
 
+def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many entries of `flat` name each expert: (n_experts,) int64. bincount with a static shape
+    (bincount's output size depends on the data, which torch.compile cannot trace)."""
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 _GROUPED_MM: dict[tuple, bool] = {}
 
 
@@ -110,8 +116,8 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
     if key not in _GROUPED_MM:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
-            try:
-                with torch.enable_grad():
+            try:  # outside inference mode (the engine decodes in it): the probe needs autograd
+                with torch.inference_mode(False), torch.enable_grad():
                     a = torch.randn(4, 16, device=x.device, dtype=x.dtype, requires_grad=True)
                     b = torch.randn(2, 16, 16, device=x.device, dtype=x.dtype, requires_grad=True)
                     offs = torch.tensor([1, 4], device=x.device, dtype=torch.int32)
@@ -159,7 +165,7 @@ class RoutedExperts(nn.Module):
             return self._all_experts(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (N*k,) pair ids grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = expert_counts(flat, self.n_experts)
         x_sorted = x.index_select(0, order // k)  # (N*k, D); index_select's backward is a cheap index_add
         out = self.grouped_experts(x_sorted, counts)
         # back to (token, slot) order, then the weighted sum over the k slots
@@ -238,7 +244,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         with torch.no_grad():
-            self.expert_load = torch.bincount(indices.flatten(), minlength=self.gate.n_experts)
+            self.expert_load = expert_counts(indices.flatten(), self.gate.n_experts)
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
