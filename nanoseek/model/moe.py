@@ -174,10 +174,12 @@ class RoutedExperts(nn.Module):
 
     def grouped_experts(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts[e] rows for expert e -> (R, D), each row through its
-        expert. `torch._grouped_mm` where this backend has it (two grouped matmuls, no per-expert ops,
-        no host sync; every expert gets a gradient, zeros when it had no rows); else a loop over the
-        experts (those without rows skipped unless run_empty)."""
-        if use_grouped_mm(x):
+        expert. `torch._grouped_mm` where this backend has it, for training and for inference on many
+        rows (two grouped matmuls, no per-expert ops, no host sync; every expert gets a gradient, zeros
+        when it had no rows); else a loop over the experts (those without rows skipped unless run_empty)."""
+        # (decoding a few rows: the loop visits only the experts that got rows and measured a little
+        # faster for bench-192m at batch 1; training and prefill: grouped, up to 20% faster)
+        if use_grouped_mm(x) and (torch.is_grad_enabled() or x.shape[0] >= 4 * self.n_experts):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs))
