@@ -340,3 +340,30 @@ def test_scheduler_serves_concurrent_callers_and_cancels(toy_model):
             scheduler.cancel(rid)
     finally:
         scheduler.shutdown()
+
+
+def test_scheduler_survives_a_request_that_fails_unexpectedly(toy_model, monkeypatch):
+    """An exception other than ValueError while queueing one request ends that request with an error;
+    the engine thread keeps serving the next ones (a server must not hang on one bad request)."""
+    model, tok = toy_model
+    engine = Engine(model, tok, max_batch=2)
+    scheduler = Scheduler(engine, max_waiting=4)
+    try:
+        add = engine.add
+
+        def flaky_add(prompt, params, request_id=None):
+            if params.max_tokens == 3:
+                raise RuntimeError("boom")
+            return add(prompt, params, request_id=request_id)
+        monkeypatch.setattr(engine, "add", flaky_add)
+        got = []
+        caller = threading.Thread(target=lambda: got.extend(scheduler.stream_sync(chat_ids(tok, "hi"), greedy(3))),
+                                  daemon=True)
+        caller.start()
+        caller.join(30)
+        assert got, "the request got no answer: the engine thread died"
+        assert got[-1].finish_reason == "error" and "RuntimeError" in got[-1].error
+        outs = list(scheduler.stream_sync(chat_ids(tok, CONVERSATIONS[0][0]), greedy(80)))
+        assert "".join(o.text for o in outs) == expected_text(0) and outs[-1].finish_reason == "stop"
+    finally:
+        scheduler.shutdown()

@@ -144,6 +144,10 @@ class Scheduler:
                         engine.add(prompt, params, request_id=rid)
                     except ValueError as e:
                         self._deliver(RequestOutput(rid, [], "", True, "error", len(prompt), 0, str(e)))
+                    except Exception as e:  # never let one request stop the engine thread
+                        log.exception("could not queue request %s", rid)
+                        self._deliver(RequestOutput(rid, [], "", True, "error", len(prompt), 0,
+                                                    f"could not queue the request: {type(e).__name__}"))
                 else:
                     engine.cancel(item[1])
             if not engine.has_work:
