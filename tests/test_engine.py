@@ -367,3 +367,28 @@ def test_scheduler_survives_a_request_that_fails_unexpectedly(toy_model, monkeyp
         assert "".join(o.text for o in outs) == expected_text(0) and outs[-1].finish_reason == "stop"
     finally:
         scheduler.shutdown()
+
+
+def test_extreme_sampling_values_and_a_failed_prefill_never_hang(toy_model, monkeypatch):
+    """Found by the schemathesis fuzz: temperature 1e-290 made logits / T overflow, the first sampling
+    step failed inside a prefill, and that request, no longer waiting and not yet running, was never
+    ended: its caller hung. Now tiny temperatures are greedy (as vLLM), a top_p that rounds to 0 keeps
+    the top token, and a step that fails during a prefill ends the requests being admitted too."""
+    model, tok = toy_model
+    engine = Engine(model, tok, max_batch=2)
+    prompt = chat_ids(tok, CONVERSATIONS[0][0])
+    greedy_ids = engine.generate([prompt], greedy(20))[0].output_ids
+    for params in (SamplingParams(max_tokens=20, temperature=1e-290),
+                   SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-300)):  # top token only: greedy
+        assert engine.generate([prompt], params)[0].output_ids == greedy_ids
+    scheduler = Scheduler(engine, max_waiting=4)
+    try:
+        monkeypatch.setattr(engine, "_sample_rows", lambda reqs, logits: 1 / 0)
+        got = []
+        caller = threading.Thread(target=lambda: got.extend(scheduler.stream_sync(prompt, greedy(5))), daemon=True)
+        caller.start()
+        caller.join(30)
+        assert got and got[-1].finish_reason == "error" and "ZeroDivisionError" in got[-1].error
+        assert scheduler.in_flight == 0
+    finally:
+        scheduler.shutdown()

@@ -128,6 +128,7 @@ class Engine:
         self.device, self.dtype = model.device, model.dtype
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
+        self.admitting: list[Request] = []  # the batch being prefilled inside a step
         self.rows: list[Request] = []  # running; index = cache row
         self.kv: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
@@ -179,12 +180,16 @@ class Engine:
 
     def abort_all(self, reason: str = "error", error: str | None = None) -> list[RequestOutput]:
         """Finish every request (after a failed step the cache cannot be trusted) and reset."""
-        outs = []
-        for req in itertools.chain(self.waiting, self.prefilling, self.rows):
+        outs, seen = [], set()
+        for req in itertools.chain(self.waiting, self.prefilling, self.admitting, self.rows):
+            if id(req) in seen:
+                continue
+            seen.add(id(req))
             req.finish_reason, req.error, req.scratch = reason, error, None
             outs.append(self._output(req, [], ""))
         self.waiting.clear()
         self.prefilling.clear()
+        self.admitting = []
         self.rows.clear()
         self.length = 0
         return outs
@@ -252,7 +257,9 @@ class Engine:
             else:
                 break
         if batch:
+            self.admitting = batch  # neither waiting nor running: abort_all must still find them
             self._prefill_batch(batch, outputs)
+            self.admitting = []
 
     def _prefill_batch(self, reqs: list[Request], outputs):
         """Left-padded prefill of whole prompts in a scratch cache, then each joins the batch."""

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is argmax (vLLM's _SAMPLING_EPS)
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded. Raises ValueError (naming the field) on invalid values.
@@ -53,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        """Temperatures below GREEDY_BELOW decode greedily (as vLLM does): logits / 1e-300 overflow."""
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device) -> torch.Generator | None:
         if self.seed is None:
@@ -72,6 +76,7 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0, 
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # the most likely token always stays (a top_p that rounds to 0 in fp32)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits.softmax(dim=-1)
 
