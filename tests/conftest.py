@@ -34,17 +34,22 @@ def toy(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_task_model(tmp_path_factory):
-    """A random TINY_TASK_MODEL with a byte-level tokenizer (trained on addition3 text) beside it."""
+def save_task_model(root, **model):
+    """A random tiny-preset model (with `model` overrides, seed 0) and a byte-level tokenizer trained on
+    addition3 text, saved together in `root` (an HF model folder); returns root."""
     import nanoseek
     from nanoseek import ModelConfig, Transformer
     from nanoseek.tasks import get_task
     from nanoseek.tokenizer import Tokenizer
-    root = tmp_path_factory.mktemp("tiny-task") / "model"
     task = get_task("addition3")
     tok = Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(20)], vocab_size=263)
     torch.manual_seed(0)
-    nanoseek.save_model(Transformer(ModelConfig.preset("tiny", **TINY_TASK_MODEL)), root)
+    nanoseek.save_model(Transformer(ModelConfig.preset("tiny", **model)), root)
     tok.save(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_task_model(tmp_path_factory):
+    """A random TINY_TASK_MODEL with a byte-level tokenizer (trained on addition3 text) beside it."""
+    return save_task_model(tmp_path_factory.mktemp("tiny-task") / "model", **TINY_TASK_MODEL)

@@ -195,17 +195,9 @@ def checksum_reward(prompts, completions, **columns) -> list[float]:
 @pytest.fixture(scope="module")
 def grpo_policy(tmp_path_factory):
     """A random MoE (8 experts over 2 groups) with a byte-level tokenizer beside it."""
-    from nanoseek import ModelConfig, Transformer, save_model
-    from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
-    root = tmp_path_factory.mktemp("grpo") / "policy"
-    task = get_task("addition3")
-    tok = Tokenizer.train([task.completion(p) + p.prompt for p in task.generate(20)], vocab_size=263)
-    torch.manual_seed(0)
-    save_model(Transformer(ModelConfig.preset("tiny", **{**SMALL_MODEL, "vocab_size": 272,
-                                                         "max_position_embeddings": 256})), root)
-    tok.save(root)
-    return root
+    from conftest import save_task_model
+    return save_task_model(tmp_path_factory.mktemp("grpo") / "policy",
+                           **{**SMALL_MODEL, "vocab_size": 272, "max_position_embeddings": 256})
 
 
 def grpo_recipe(policy: Path, out: Path, **overrides) -> dict:
