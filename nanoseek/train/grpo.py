@@ -38,7 +38,6 @@ import json
 import math
 import os
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from ..errors import CheckpointError, ConfigError, NanoseekError
 from ..model import Transformer
 from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
                      load_checkpoint, lr_at, read_metrics, run_on_all_ranks, save_checkpoint, update_routing_bias)
-from .recipe import _coerce, read_recipe_file
+from .recipe import field_types, load_recipe_as
 
 LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
 STD_EPS = 1e-4
@@ -155,23 +154,12 @@ class GRPORecipe:
 
 
 def grpo_recipe_fields() -> dict[str, Any]:
-    hints = typing.get_type_hints(GRPORecipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(GRPORecipe)}
+    return field_types(GRPORecipe)
 
 
 def load_grpo_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
     """A GRPO recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string)."""
-    kinds = grpo_recipe_fields()
-    values: dict[str, Any] = {}
-    layers = [(read_recipe_file(path), f" in {path}")] if path is not None else []
-    if overrides:
-        layers.append((overrides, " on the command line"))
-    for data, where in layers:
-        for name, value in data.items():
-            if name not in kinds:
-                raise ConfigError(f"unknown GRPO recipe field '{name}'{where}; known fields: {', '.join(kinds)}")
-            values[name] = _coerce(name, value, kinds[name], where)
-    return GRPORecipe(**values).validate(str(path) if path else None)
+    return load_recipe_as(GRPORecipe, path, overrides, what="GRPO recipe")
 
 
 # ---- the math (pure functions, unit-tested by hand) -------------------------------------------

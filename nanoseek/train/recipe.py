@@ -108,9 +108,10 @@ class TrainRecipe:
         return dataclasses.asdict(self)
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainRecipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainRecipe)}
+def field_types(cls) -> dict[str, Any]:
+    """Field name -> type of a recipe dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(name: str, value: Any, kind, where: str) -> Any:
@@ -173,7 +174,14 @@ def read_recipe_file(path: str | Path) -> dict:
 
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainRecipe:
     """Recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string)."""
-    types_ = _field_types()
+    return load_recipe_as(TrainRecipe, path, overrides)
+
+
+def load_recipe_as(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                   what: str = "recipe"):
+    """A recipe dataclass `cls` (with a validate(source) method) from a file, then `overrides`; every
+    value checked (and converted from strings) against the field's type; errors name the field."""
+    types_ = field_types(cls)
     values: dict[str, Any] = {}
     layers = []
     if path is not None:
@@ -183,11 +191,11 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     for data, where in layers:
         for name, value in data.items():
             if name not in types_:
-                raise ConfigError(f"unknown recipe field '{name}'{where}; known fields: {', '.join(types_)}")
+                raise ConfigError(f"unknown {what} field '{name}'{where}; known fields: {', '.join(types_)}")
             values[name] = _coerce(name, value, types_[name], where)
-    return TrainRecipe(**values).validate(str(path) if path else None)
+    return cls(**values).validate(str(path) if path else None)
 
 
 def recipe_fields() -> dict[str, Any]:
     """Field name -> type, for building command-line options."""
-    return _field_types()
+    return field_types(TrainRecipe)
