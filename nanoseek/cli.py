@@ -356,21 +356,30 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ---- nanoseek train ------------------------------------------------------------------------------
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train.recipe import recipe_fields
-    parser.add_argument("--recipe", type=Path, metavar="FILE", help="a TOML or YAML recipe")
+def add_recipe_arguments(parser: argparse.ArgumentParser, fields: dict, what: str = "recipe") -> None:
+    """--recipe FILE plus one --field option per recipe field (stored as set_<field>)."""
+    parser.add_argument("--recipe", type=Path, metavar="FILE", help=f"a TOML or YAML {what}")
     group = parser.add_argument_group("recipe fields (each overrides the recipe file)")
-    for name, kind in recipe_fields().items():
+    for name, kind in fields.items():
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
                            help=f"({getattr(kind, '__name__', str(kind))})")
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    """The recipe fields given on the command line (see add_recipe_arguments)."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train.recipe import recipe_fields
+    add_recipe_arguments(parser, recipe_fields())
 
 
 @command("train", "pretrain or SFT a model from a recipe (checkpoints, resume, metrics, cost.json)",
          _train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import load_recipe, train
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, recipe_overrides(args))
     summary = train(recipe)
     state = "stopped by a signal at" if summary["interrupted"] else "finished at"
     print(f"{state} step {summary['step']} ({summary['tokens']:,} tokens, {summary['wall_seconds']:.0f}s)")

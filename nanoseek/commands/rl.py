@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import EXIT_OK, command
+from ..cli import EXIT_OK, add_recipe_arguments, command, recipe_overrides
 from ..errors import ConfigError
 
 
@@ -58,19 +58,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 # ---- nanoseek grpo ---------------------------------------------------------------------------------
 def _grpo_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.grpo import grpo_recipe_fields
-    parser.add_argument("--recipe", type=Path, metavar="FILE", help="a TOML or YAML GRPO recipe")
-    group = parser.add_argument_group("recipe fields (each overrides the recipe file)")
-    for name, kind in grpo_recipe_fields().items():
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}", metavar="VALUE",
-                           help=f"({getattr(kind, '__name__', str(kind))})")
+    add_recipe_arguments(parser, grpo_recipe_fields(), "GRPO recipe")
 
 
 @command("grpo", "reinforcement learning with verifiable rewards (GRPO / DAPO / Dr. GRPO) on a task",
          _grpo_arguments)
 def cmd_grpo(args: argparse.Namespace) -> int:
     from ..train.grpo import grpo, load_grpo_recipe
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    summary = grpo(load_grpo_recipe(args.recipe, overrides))
+    summary = grpo(load_grpo_recipe(args.recipe, recipe_overrides(args)))
     how = {"signal": "stopped by a signal at", "max_seconds": "reached max_seconds at"}.get(summary["stopped_by"],
                                                                                               "finished at")
     print(f"{how} step {summary['step']} ({summary['rollout_tokens']:,} rollout tokens, "
