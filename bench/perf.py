@@ -105,7 +105,9 @@ def build(name: str, folder: Path):
 
 # ---- phases ---------------------------------------------------------------------------------------
 def train_step_fn(model, batch, logits_of):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW for both: nanoseek's trainer uses it and so does transformers' Trainer by default
+    # (optim="adamw_torch_fused" with torch >= 2.8); torch's for-loop default was ~40% of a 192m step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
     targets = batch[:, 1:]
 

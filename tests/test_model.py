@@ -130,6 +130,29 @@ def test_dropless_dispatch_equals_per_token_loop():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_decode_paths_equal_the_sorted_dispatch():
+    """Inference on a few tokens runs pair by pair (N * k <= FEW_PAIRS), on more through the sorted
+    dispatch: both give the training path's numbers (64 experts: too many to run them all)."""
+    from nanoseek.model.moe import FEW_PAIRS
+    torch.manual_seed(3)
+    E, D, I, k = 64, 16, 8, 6
+    experts = RoutedExperts(E, D, I)
+    with torch.no_grad():
+        experts.gate_up.normal_(0, 0.3)
+        experts.down.normal_(0, 0.3)
+    for N in (1, 2, 4):
+        x = torch.randn(N, D)
+        idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+        idx[-1, 0] = idx[0, 1]  # an expert shared by two tokens (or twice nothing for N = 1)
+        w = torch.rand(N, k)
+        reference = experts(x, idx, w)  # grad enabled: the training dispatch
+        with torch.inference_mode():
+            assert not experts._all_experts_pays(N, k)
+            assert (N * k <= FEW_PAIRS) == (N <= 2)
+            got = experts(x, idx, w)
+        assert torch.allclose(got, reference, atol=1e-5), N
+
+
 def test_small_batch_all_experts_path_equals_dispatch():
     torch.manual_seed(1)
     experts = RoutedExperts(8, 16, 8)
