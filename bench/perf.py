@@ -129,10 +129,30 @@ def hf_logits(model, x):
 
 
 def phase(rows: dict, key: str, fn, tokens: int, repeats: int, warmup: int = 1):
-    reset_peak_rss()
-    sec = timed(fn, repeats, warmup)
-    rows[key] = {"tokens_per_s": tokens / sec, "seconds": sec, "peak_rss_mb": peak_rss_mb()}
-    return rows[key]
+    return interleaved(rows, {key: (fn, tokens)}, repeats, warmup)[key]
+
+
+def interleaved(rows: dict, fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Time several {key: (fn, tokens)} round-robin: one run of each per round, median per key, so a
+    slow spell of this shared machine slows every side alike and the ratios hold. Peak RSS per key is
+    the highest seen during its own runs."""
+    for fn, _ in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
+    peaks = {key: 0.0 for key in fns}
+    for _ in range(repeats):
+        for key, (fn, _) in fns.items():
+            reset_peak_rss()
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+            peaks[key] = max(peaks[key], peak_rss_mb())
+    out = {}
+    for key, (_, tokens) in fns.items():
+        sec = sorted(times[key])[len(times[key]) // 2]
+        rows[key] = out[key] = {"tokens_per_s": tokens / sec, "seconds": sec, "peak_rss_mb": peaks[key]}
+    return out
 
 
 def bench_config(name: str, quick: bool, peak: float) -> dict:
@@ -151,37 +171,35 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
 
     # training
     flops_per_token = 6 * (counts.activated + 0)  # matmul params; attention scores excluded
-    for label, m, fn in (("train nanoseek", model, ours_logits), ("train transformers", hf, hf_logits),
-                         ("train nanoseek dense twin", dense, ours_logits)):
-        r = phase(rows, label, train_step_fn(m, batch, fn), B * T, train_repeats)
+    steps = {label: (train_step_fn(m, batch, fn), B * T) for label, m, fn in (
+        ("train nanoseek", model, ours_logits), ("train transformers", hf, hf_logits),
+        ("train nanoseek dense twin", dense, ours_logits))}
+    for r in interleaved(rows, steps, train_repeats).values():
         r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     model.eval(), hf.eval(), dense.eval()
 
     # prefill 1 x 256
     x = batch[:1, :T]
     with torch.no_grad():
-        phase(rows, "prefill nanoseek", lambda: model(x), T, 3 if quick else 5)
-        phase(rows, "prefill transformers", lambda: hf(x), T, 3 if quick else 5)
+        interleaved(rows, {"prefill nanoseek": (lambda: model(x), T), "prefill transformers": (lambda: hf(x), T)},
+                    3 if quick else 5)
 
     # decode (greedy) at batch 1 and 8 from 32-token prompts
     new = 32 if quick else 64
     for bs in (1, 8):
         prompts = batch[:bs, :32].tolist()
         ids = torch.tensor(prompts)
-        ours_out = generate(model, prompts, max_new_tokens=new)
-        with torch.no_grad():
-            ref_out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[:, 32:].tolist()
-        res[f"greedy_identical_b{bs}"] = ours_out == ref_out
-        phase(rows, f"decode b{bs} nanoseek", lambda: generate(model, prompts, max_new_tokens=new),
-              bs * new, 2 if quick else 3)
-        with torch.no_grad():
-            phase(rows, f"decode b{bs} transformers",
-                  lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0), bs * new,
-                  2 if quick else 3)
-        phase(rows, f"decode b{bs} nanoseek dense twin", lambda: generate(dense, prompts, max_new_tokens=new),
-              bs * new, 2 if quick else 3)
+
+        def hf_generate(ids=ids):
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[:, 32:].tolist()
+        res[f"greedy_identical_b{bs}"] = generate(model, prompts, max_new_tokens=new) == hf_generate()
+        interleaved(rows, {
+            f"decode b{bs} nanoseek": (lambda prompts=prompts: generate(model, prompts, max_new_tokens=new), bs * new),
+            f"decode b{bs} transformers": (hf_generate, bs * new),
+            f"decode b{bs} nanoseek dense twin": (lambda prompts=prompts: generate(dense, prompts, max_new_tokens=new),
+                                                  bs * new)}, 2 if quick else 3)
 
     # int8 weight-only decoding against our own fp32
     qmodel = quantize_int8(copy.deepcopy(model))

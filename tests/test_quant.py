@@ -12,7 +12,12 @@ def test_quantize_rows_round_trip_error_is_half_a_step():
     assert q.dtype == torch.int8 and s.shape == (64,)
     assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
     x = torch.randn(3, 48)
-    assert torch.allclose(int8_matmul(x, q, s), x @ (q.float() * s[:, None]).T, atol=1e-4)
+    deq = q.float() * s[:, None]
+    # activations travel as two int8 digits: each within max|x| / (2 * 127^2) of x, so each output
+    # within that times the row's sum |w| of the product with the dequantized weights
+    bound = x.abs().amax(dim=1, keepdim=True) / (2 * 127**2) * deq.abs().sum(dim=1) + 1e-5
+    err = (int8_matmul(x, q, s) - x @ deq.T).abs()
+    assert (err <= bound).all() and err.max() > 0  # (> 0: the digits path ran, not a dequantized copy)
 
 
 def test_quantized_model_tracks_fp32():
@@ -35,3 +40,24 @@ def test_quantized_model_tracks_fp32():
     assert rel < 0.1, f"int8 mean relative logit error {rel:.3g}"
     out = generate(model, prompts, max_new_tokens=8)
     assert [len(r) for r in out] == [len(r) for r in ref_tokens]
+
+
+def test_int8_experts_decode_path_equals_the_dequantized_experts():
+    """One or two tokens take the pair-by-pair int8 path, more the sorted loop: both compute the
+    experts with the dequantized weights (to the activations' two-digit precision)."""
+    from nanoseek.model.moe import RoutedExperts
+    torch.manual_seed(4)
+    experts = RoutedExperts(8, 32, 16)
+    with torch.no_grad():
+        experts.gate_up.normal_(0, 0.3)
+        experts.down.normal_(0, 0.3)
+    q = Int8RoutedExperts(experts)
+    with torch.no_grad():  # the float model with the int8 model's (dequantized) weights
+        experts.gate_up.copy_(q.gate_up_q.float() * q.gate_up_scale[..., None])
+        experts.down.copy_(q.down_q.float() * q.down_scale[..., None])
+    for N in (1, 2, 5):
+        x = torch.randn(N, 32)
+        idx = torch.stack([torch.randperm(8)[:3] for _ in range(N)])
+        w = torch.rand(N, 3)
+        with torch.no_grad():
+            assert torch.allclose(q(x, idx, w), experts(x, idx, w), atol=1e-3, rtol=1e-3), N
