@@ -396,7 +396,9 @@ class Engine:
         """Main model over T new tokens in cache slots start..start+T -> (logits, hidden, mask)."""
         T = ids.shape[1]
         key_valid = cache.mark(start, attention_mask, T)
-        if key_valid is not None:
+        if key_valid is not None and T == 1 and bool(key_valid.all()):
+            mask = None  # one new token that may see every slot: no mask to build and apply per layer
+        elif key_valid is not None:
             mask = causal_mask(key_valid, start, T)
         elif T == 1 or start == 0:
             mask = None
