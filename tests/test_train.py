@@ -235,3 +235,15 @@ def test_sft_trains_only_assistant_tokens_without_crossing_examples(tmp_path):
     assert batch.input_segments.max() >= 1  # several examples packed per row
     summary = train(r)
     assert summary["step"] == 3
+
+
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    """compile = true: torch.compile runs the model (routed experts stay eager) with the same losses,
+    and the checkpoint it writes loads into a plain model."""
+    train(recipe(corpus, tmp_path / "eager", max_steps=3, eval_every=0, save_every=3))
+    train(recipe(corpus, tmp_path / "compiled", max_steps=3, eval_every=0, save_every=3, compile=True))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
+    assert load_model(tmp_path / "compiled" / "model").config.num_hidden_layers > 0

@@ -161,6 +161,7 @@ class RoutedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
+    @torch.compiler.disable  # data-dependent dispatch (and _grouped_mm's meta wants bf16): eager under compile
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (N, D), indices/weights: (N, k) -> (N, D) = sum_k weight * expert_k(x)."""
         N, k = indices.shape

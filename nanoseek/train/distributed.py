@@ -180,6 +180,7 @@ class ExpertParallelExperts(RoutedExperts):
         local.down = nn.Parameter(experts.down.data[keep].clone(), experts.down.requires_grad)
         return local
 
+    @torch.compiler.disable  # all-to-all with data-dependent splits: eager under torch.compile
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (N, D), indices/weights: (N, k) with global expert ids -> (N, D)."""
         N, k = indices.shape

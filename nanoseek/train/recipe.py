@@ -67,6 +67,7 @@ class TrainRecipe:
     keep_last: int = 2
     resume: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
+    compile: bool = False  # torch.compile the model (routed experts stay eager); no gain measured on CPU
     usd_per_hour: float = 2.0
     progress: bool = True
 

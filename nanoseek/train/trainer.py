@@ -130,6 +130,8 @@ def _train(recipe: TrainRecipe, parallel) -> dict:
             model = parallelize(model, parallel.mesh)
         optimizer = build_optimizer(model, recipe)
         state = {"step": 0, "tokens": 0, "wall_seconds": 0.0}
+    if recipe.compile:
+        model.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
     cfg = model.config
     loader = TokenLoader(recipe.data, "train", batch_size=recipe.batch_size // world, seq_len=recipe.seq_len,
                          seed=recipe.seed, whole_documents=recipe.mode == "sft", vocab_size=cfg.vocab_size,
