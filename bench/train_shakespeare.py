@@ -40,7 +40,8 @@ def head_to_head(cfg: ModelConfig, data: str, batch_size: int, seq_len: int, ste
     """Seconds per training step (forward, cross-entropy, backward, clip, AdamW) of nanoseek's model and
     transformers' DeepseekV3ForCausalLM from the same initial weights (no MTP: transformers has none),
     on the same batches, alternating one step each so machine noise hits both alike. Median of `steps`
-    steps after one warm-up step each."""
+    steps after two warm-up steps each (the first allocates the optimizer state, the second still pays
+    first-touch page faults)."""
     import transformers
     torch.manual_seed(0)
     ours = Transformer(cfg).train()
@@ -48,11 +49,12 @@ def head_to_head(cfg: ModelConfig, data: str, batch_size: int, seq_len: int, ste
     theirs = transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).train()
     shutil.rmtree(work)
     models = {"nanoseek": (ours, lambda ids: ours(ids)), "transformers": (theirs, lambda ids: theirs(ids).logits)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused AdamW on both sides: nanoseek's trainer uses it, as does transformers' Trainer by default
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
             for k, (m, _) in models.items()}
     loader = TokenLoader(data, "train", batch_size=batch_size, seq_len=seq_len, seed=0)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(steps + 1):
+    for i in range(steps + 2):
         batch = loader.next_batch()
         for name, (model, logits_of) in models.items():
             t = time.perf_counter()
@@ -62,7 +64,7 @@ def head_to_head(cfg: ModelConfig, data: str, batch_size: int, seq_len: int, ste
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
-            if i:  # the first step warms up
+            if i >= 2:  # two warm-up steps
                 times[name].append(time.perf_counter() - t)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
