@@ -151,7 +151,9 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up (E, 2I, D) = [gate; up], down (E, D, I).
 
     Dropless dispatch: the N*k (token, expert) pairs are sorted by expert so each expert reads one
-    contiguous block; experts that received no token do no work.
+    contiguous block; experts that received no token do no work. Inference takes two shortcuts with
+    the same numbers: one or two tokens run pair by pair (`_few_pairs`), and small batches whose
+    experts fit in cache run every expert at once (`_all_experts`).
     """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
