@@ -204,7 +204,6 @@ class RoutedExperts(nn.Module):
                 outs.append(F.linear(F.silu(gate) * up, down[e]))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])  # no in-place writes: small nodes
 
-
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one or two tokens: each (token, expert) pair runs on its own, the down projection
         accumulated straight into the output with the routing weight as addmm_'s alpha; no sort, no
@@ -244,7 +243,8 @@ class MoE(nn.Module):
     """Shared experts (always on, unweighted) + routed experts (top-k by the gate).
 
     After each training (or grad-enabled) forward, `expert_load` holds the number of tokens routed to
-    each expert (for the aux-loss-free bias update; None after an inference forward) and `aux_loss` the sequence-wise balance loss when alpha > 0 in training.
+    each expert (for the aux-loss-free bias update; None after an inference forward) and `aux_loss`
+    the sequence-wise balance loss when alpha > 0 in training.
     """
 
     def __init__(self, config: ModelConfig):
