@@ -8,8 +8,8 @@ result equals the fp32 product with the dequantized weights to ~1e-4 relative: t
 weights' rounding alone, as in a weight-only scheme, and both digits ride in one GEMM (2M rows: free
 when the GEMM is bound by reading the weights). torch's own weight-only kernel
 (`_weight_int8pack_mm`) measured 2-8x slower than fp32 on this AVX2 CPU; `_int_mm` 1.5-1.9x faster on
-large matrices whose weights come from memory (no faster on 512 x 512). Elsewhere (CUDA, or a torch without `_int_mm` on CPU) the weights are
-dequantized per call.
+large matrices whose weights come from memory (no faster on 512 x 512). Elsewhere (CUDA, or a torch
+without `_int_mm` on CPU) the weights are dequantized per call.
 Kept in full precision: embeddings (a lookup), norms, the routing gate (a discrete choice), and
 kv_b_proj (the absorbed MLA path reads its weight directly; it is small).
 """
