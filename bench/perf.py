@@ -170,7 +170,9 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
     res: dict = {"config": name, "total_params": counts.total, "activated_params": counts.activated}
     rows: dict = {}
 
-    # training
+    # training (on the weights both sides start from; restored afterwards, so that the decode phases
+    # compare the two implementations on identical weights again)
+    initial = {"ours": copy.deepcopy(model.state_dict()), "hf": copy.deepcopy(hf.state_dict())}
     flops_per_token = 6 * (counts.activated + 0)  # matmul params; attention scores excluded
     steps = {label: (train_step_fn(m, batch, fn), B * T) for label, m, fn in (
         ("train nanoseek", model, ours_logits), ("train transformers", hf, hf_logits),
@@ -180,6 +182,8 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
     for r in interleaved(rows, steps, train_repeats, warmup=2).values():
         r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     model.eval(), hf.eval(), dense.eval()
+    model.load_state_dict(initial["ours"]), hf.load_state_dict(initial["hf"])
+    del steps, initial  # the optimizer states
 
     # prefill 1 x 256
     x = batch[:1, :T]
