@@ -34,6 +34,17 @@ def toy(tmp_path_factory):
     return path
 
 
+def random_experts(n_experts: int, hidden: int, intermediate: int, seed: int, std: float = 0.3):
+    """Stacked routed experts (nanoseek.model.RoutedExperts) with N(0, std) weights from `seed`."""
+    from nanoseek.model import RoutedExperts
+    torch.manual_seed(seed)
+    experts = RoutedExperts(n_experts, hidden, intermediate)
+    with torch.no_grad():
+        experts.gate_up.normal_(0, std)
+        experts.down.normal_(0, std)
+    return experts
+
+
 def save_task_model(root, **model):
     """A random tiny-preset model (with `model` overrides, seed 0) and a byte-level tokenizer trained on
     addition3 text, saved together in `root` (an HF model folder); returns root."""

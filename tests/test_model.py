@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import random_experts
 from nanoseek import LatentCache, ModelConfig, Transformer
 from nanoseek.model.moe import Gate, RoutedExperts
 from nanoseek.model.rope import rope_frequencies
@@ -111,12 +112,8 @@ def test_group_limited_greedy_uses_max_and_softmax():
 
 
 def test_dropless_dispatch_equals_per_token_loop():
-    torch.manual_seed(0)
     E, D, I, N, k = 6, 16, 8, 40, 3
-    experts = RoutedExperts(E, D, I)
-    with torch.no_grad():
-        experts.gate_up.normal_(0, 0.3)
-        experts.down.normal_(0, 0.3)
+    experts = random_experts(E, D, I, seed=0)
     x = torch.randn(N, D)
     idx = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])  # expert E-1 receives no token
     w = torch.rand(N, k)
@@ -134,12 +131,8 @@ def test_decode_paths_equal_the_sorted_dispatch():
     """Inference on a few tokens runs pair by pair (N * k <= FEW_PAIRS), on more through the sorted
     dispatch: both give the training path's numbers (64 experts: too many to run them all)."""
     from nanoseek.model.moe import FEW_PAIRS
-    torch.manual_seed(3)
     E, D, I, k = 64, 16, 8, 6
-    experts = RoutedExperts(E, D, I)
-    with torch.no_grad():
-        experts.gate_up.normal_(0, 0.3)
-        experts.down.normal_(0, 0.3)
+    experts = random_experts(E, D, I, seed=3)
     for N in (1, 2, 4):
         x = torch.randn(N, D)
         idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
@@ -154,11 +147,7 @@ def test_decode_paths_equal_the_sorted_dispatch():
 
 
 def test_small_batch_all_experts_path_equals_dispatch():
-    torch.manual_seed(1)
-    experts = RoutedExperts(8, 16, 8)
-    with torch.no_grad():
-        experts.gate_up.normal_(0, 0.3)
-        experts.down.normal_(0, 0.3)
+    experts = random_experts(8, 16, 8, seed=1)
     x = torch.randn(5, 16)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(5)])
     w = torch.rand(5, 3)
@@ -179,11 +168,7 @@ def test_grouped_mm_path_equals_the_expert_loop(monkeypatch):
     """torch._grouped_mm (where the backend has it) and the per-expert loop: same outputs and the same
     gradients for inputs and stacked weights, with experts that receive no token (zero gradient)."""
     from nanoseek.model import moe as moe_module
-    torch.manual_seed(2)
-    experts = RoutedExperts(8, 16, 8)
-    with torch.no_grad():
-        experts.gate_up.normal_(0, 0.3)
-        experts.down.normal_(0, 0.3)
+    experts = random_experts(8, 16, 8, seed=2)
     x = torch.randn(12, 16)
     idx = torch.stack([torch.randperm(5)[:2] for _ in range(12)])  # experts 5, 6, 7 get nothing
     w = torch.rand(12, 2)

@@ -2,6 +2,7 @@
 
 import torch
 
+from conftest import random_experts
 from nanoseek import ModelConfig, Transformer, generate
 from nanoseek.infer.quant import Int8Linear, Int8RoutedExperts, int8_matmul, quantize_int8, quantize_rows
 
@@ -45,12 +46,7 @@ def test_quantized_model_tracks_fp32():
 def test_int8_experts_decode_path_equals_the_dequantized_experts():
     """One or two tokens take the pair-by-pair int8 path, more the sorted loop: both compute the
     experts with the dequantized weights (to the activations' two-digit precision)."""
-    from nanoseek.model.moe import RoutedExperts
-    torch.manual_seed(4)
-    experts = RoutedExperts(8, 32, 16)
-    with torch.no_grad():
-        experts.gate_up.normal_(0, 0.3)
-        experts.down.normal_(0, 0.3)
+    experts = random_experts(8, 32, 16, seed=4)
     q = Int8RoutedExperts(experts)
     with torch.no_grad():  # the float model with the int8 model's (dequantized) weights
         experts.gate_up.copy_(q.gate_up_q.float() * q.gate_up_scale[..., None])
