@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek.data import read_manifest  # noqa: E402
 from nanoseek.train import TrainRecipe, train  # noqa: E402
-from nanoseek.train.common import read_metrics  # noqa: E402
+from nanoseek.runio import read_metrics  # noqa: E402
 
 
 def run(args, gamma: float, out: Path) -> dict:

@@ -42,7 +42,7 @@ from nanoseek.eval.tasks import evaluate_task  # noqa: E402
 from nanoseek.tasks import get_task, prepare_cold_start  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train import load_recipe, train  # noqa: E402
-from nanoseek.train.common import read_metrics  # noqa: E402
+from nanoseek.runio import pyplot, read_metrics, save_figure  # noqa: E402
 from nanoseek.train.grpo import grpo, load_grpo_recipe  # noqa: E402
 
 DEV_SEED = 1234  # dev problems: train split, never the test split
@@ -233,10 +233,7 @@ def mean_row(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for run in runs:
         s = run["seed"]
         g = [(c, a) for c, a in run["grpo_curve"]]
@@ -257,9 +254,7 @@ def plot(runs: list[dict], out: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png")
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ from nanoseek.cost import flops_per_token, measure_matmul_peak  # noqa: E402
 from nanoseek.data import TokenLoader  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
 from nanoseek.train import load_recipe, train  # noqa: E402
-from nanoseek.train.common import read_metrics  # noqa: E402
+from nanoseek.runio import read_metrics  # noqa: E402
 
 warnings.simplefilter("ignore")
 

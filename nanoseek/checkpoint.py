@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .runio import staged_dir
 from .model import Transformer, rope_frequencies
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -145,10 +143,10 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
         shards[-1].append((key, t))
         size += nbytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()  # not tempfile.mkdtemp: its mode 0700 would make the saved folder private
-    try:
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a model to {path}: it exists and is not a folder")
+    # files of an earlier save are dropped (a stale index would win); tokenizer, logs etc. are kept
+    with staged_dir(path, keep_old=lambda name: not _is_model_file(name)) as tmp:
         names = ([SINGLE_NAME] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
@@ -164,33 +162,7 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
         stored = dtype or model.dtype
         hf["torch_dtype"] = str(stored).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`. An existing target is kept aside until the move succeeded (and put back
-    if it fails); its files that are not part of a saved model (tokenizer, logs, ...) move into the new
-    folder, while its old weights, index and config.json are dropped."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if not target.is_dir():
-        raise CheckpointError(f"cannot save a model to {target}: it exists and is not a folder")
-    old = new.with_name(new.name + ".old")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    for entry in old.iterdir():
-        if not (_is_model_file(entry.name) or (target / entry.name).exists()):
-            os.replace(entry, target / entry.name)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_model_file(name: str) -> bool:

@@ -27,7 +27,6 @@ import math
 import numbers
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .model import RMSNorm, RoutedExperts, Transformer
 from .params import count_parameters, meta_model
+from .runio import write_json_atomic
 
 DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3 pretraining sequence length (before context extension)
 DEFAULT_USD_PER_HOUR = 2.0  # DeepSeek-V3's assumed H800 rental price
@@ -543,23 +543,6 @@ class CostMeter:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_json_object(path: Path) -> dict:
     """The JSON object in `path`, or {} when it is missing or unreadable (a cache is rebuilt)."""
     try:

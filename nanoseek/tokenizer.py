@@ -31,8 +31,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -40,6 +38,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from tokenizers import Tokenizer as Backend
 
 from .errors import DataError
+from .runio import write_text_atomic
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -192,8 +191,8 @@ class Tokenizer:
         temporary name and renamed into place; other files in the folder (a model) are kept."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path / TOKENIZER_FILE, self.backend.to_str(pretty=True))
-        _write_atomic(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
+        write_text_atomic(path / TOKENIZER_FILE, self.backend.to_str(pretty=True) + "\n")
+        write_text_atomic(path / CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     def hf_config(self) -> dict:
@@ -271,12 +270,3 @@ class Tokenizer:
             out.append((ids, mask))
         return out
 
-
-def _write_atomic(file: Path, text: str) -> None:
-    """Write `text` to `file` via a temporary file in the same folder and an atomic rename."""
-    tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -16,13 +16,9 @@ never leaves a half-written data folder, and an existing one is only replaced wi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..runio import staged_dir
 from ..tokenizer import Tokenizer
 from .sources import Document, check_input, input_size, read_documents
 
@@ -217,39 +214,15 @@ def prepare(tokenizer: Tokenizer, inputs: Iterable[str | Path], out: str | Path,
     return manifest
 
 
-@contextlib.contextmanager
 def staging_dir(out: str | Path, overwrite: bool = False):
-    """Yield a fresh temporary folder beside `out`; on success it replaces `out` (kept on any error).
-    A non-empty `out` is refused unless `overwrite`."""
+    """A fresh temporary folder beside `out` (a context manager); on success it replaces `out` (kept on
+    any error). A non-empty `out` is refused unless `overwrite`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is set aside first and put back if that fails."""
-    old = None
-    if target.exists():
-        old = new.with_name(new.name + ".old")
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return staged_dir(out)
 
 
 # ---- reading -----------------------------------------------------------------------------------

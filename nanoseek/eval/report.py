@@ -18,21 +18,14 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..cost import PUBLISHED, flops_per_token
-from ..train.common import read_metrics
+from ..runio import pyplot, read_metrics, save_figure
 
 REPORT = "report.md"
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_training(stages: dict[str, Path], out: Path) -> Path | None:
     """Loss (and validation loss) of every training stage on one step axis."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     offset, drawn = 0, False
     for name, folder in stages.items():
@@ -52,10 +45,7 @@ def plot_training(stages: dict[str, Path], out: Path) -> Path | None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_expert_load(folder: Path, out: Path) -> Path | None:
@@ -64,7 +54,7 @@ def plot_expert_load(folder: Path, out: Path) -> Path | None:
     if not rows:
         return None
     import numpy as np
-    plt = _plt()
+    plt = pyplot()
     n_layers = len(rows[0]["expert_load"])
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.6 + 1.4 * n_layers), squeeze=False)
     steps = [r["step"] for r in rows]
@@ -78,10 +68,7 @@ def plot_expert_load(folder: Path, out: Path) -> Path | None:
         fig.colorbar(im, ax=ax, label="token share")
     axes[-1][0].set_xlabel("step")
     fig.suptitle("Expert load over training (uniform = 1 / experts)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_rl(folder: Path, out: Path) -> Path | None:
@@ -90,7 +77,7 @@ def plot_rl(folder: Path, out: Path) -> Path | None:
     keys = [k for k in ("reward_mean", "accuracy", "completion_len", "eval_accuracy") if any(k in r for r in rows)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -99,10 +86,7 @@ def plot_rl(folder: Path, out: Path) -> Path | None:
                       "eval_accuracy": "held-out accuracy"}.get(key, key.replace("_", " ")))
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _fmt(n: float) -> str:

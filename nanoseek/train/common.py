@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import load_model, save_model
 from ..errors import CheckpointError
 from ..model import Transformer
+from ..runio import pyplot, read_metrics, save_figure, staged_dir
 from .recipe import TrainRecipe
 
 STATE_FILE = "trainer.json"
@@ -144,53 +145,13 @@ def load_balance(loads: list[torch.Tensor]) -> list[float]:
 
 
 # ---- metrics ----------------------------------------------------------------------------------
-class MetricsLogger:
-    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
-        self.file = open(self.path, "a")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:  # tensorboard not installed: JSONL only
-            pass
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            step = row.get("step", 0)
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def plot_losses(run_dir: Path) -> Path | None:
     """loss.png: training (and validation, MTP) loss against step."""
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if not train:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train loss", lw=1)
     mtp = [(r["step"], r["mtp_loss"]) for r in rows if "mtp_loss" in r]
     if mtp:
@@ -202,11 +163,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, run_dir / "loss.png", dpi=120)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -237,11 +194,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
 
 def _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir) -> None:
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(final) as tmp:
         save_model(model, tmp / "model")
         if tokenizer_dir:
             copy_tokenizer(tokenizer_dir, tmp / "model")
@@ -251,12 +204,6 @@ def _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file({f"rng.{k}": v for k, v in rng.items()}, tmp / "rng.safetensors")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from ..checkpoint import load_model, save_model
 from ..errors import CheckpointError, ConfigError, NanoseekError
 from ..model import Transformer
-from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
-                     load_checkpoint, lr_at, read_metrics, run_on_all_ranks, save_checkpoint, update_routing_bias)
+from ..runio import MetricsLogger, pyplot, read_metrics, save_figure
+from .common import (build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
+                     load_checkpoint, lr_at, run_on_all_ranks, save_checkpoint, update_routing_bias)
 from .recipe import field_types, load_recipe_as
 
 LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
@@ -656,10 +657,7 @@ def plot_grpo(run_dir: str | Path) -> Path | None:
     rows = read_metrics(run_dir)
     if not any("reward_mean" in r for r in rows):
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = pyplot().subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, keys) in zip(axes.flat, PLOT_PANELS):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
@@ -673,8 +671,4 @@ def plot_grpo(run_dir: str | Path) -> Path | None:
         elif keys == ("kl",):
             ax.text(0.5, 0.5, "not logged: beta = 0\n(no reference model)", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
-    fig.tight_layout()
-    out = run_dir / "grpo.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, run_dir / "grpo.png")

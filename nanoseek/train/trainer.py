@@ -34,7 +34,8 @@ from ..data.loader import TokenLoader
 from ..errors import CheckpointError, ConfigError, NanoseekError
 from ..infer import generate
 from ..model import Transformer
-from .common import (MetricsLogger, build_optimizer, copy_tokenizer, expert_loads, global_denominators,
+from ..runio import MetricsLogger
+from .common import (build_optimizer, copy_tokenizer, expert_loads, global_denominators,
                      latest_checkpoint, load_balance, load_checkpoint, loss_masks, lr_at, mtp_depths, plot_losses,
                      run_on_all_ranks, save_checkpoint, training_loss, update_routing_bias)
 from .recipe import TrainRecipe
