@@ -16,6 +16,7 @@ Saving writes into a temporary folder renamed into place: a crash never leaves a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -28,8 +29,9 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .runio import staged_dir
 from .model import Transformer, rope_frequencies
+from .runio import staged_dir
+from .tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -282,6 +284,25 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no *.safetensors weights found")
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder (config.json), or a run folder holding one in model/."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    raise CheckpointError(f"{path}: neither a model folder (config.json) nor a run folder with model/")
+
+
+def load_model_and_tokenizer(path: str | Path, tokenizer: str | Path | None = None,
+                             device: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """(fp32 model in eval mode, tokenizer) from a model or run folder; the tokenizer defaults to the
+    one saved beside the weights."""
+    model_dir = resolve_model_dir(path)
+    model = load_model(model_dir, device=device, dtype=torch.float32).eval()
+    return model, Tokenizer.load(tokenizer or model_dir)
+
+
 def load_model(path: str | Path, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> Transformer:
     """Load an HF-format DeepseekV3/V2 folder (sharded or not, fp32/bf16/fp16/FP8) into a Transformer.
@@ -312,7 +333,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if mtp_keys and not any(k in headers for k in mtp_keys):
         warnings.warn(f"{path}: config has {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "holds none; loading without MTP")
-        config.num_nextn_predict_layers = 0
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
         with torch.device("meta"):
             model = Transformer(config)
         expected = hf_key_map(model)

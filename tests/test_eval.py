@@ -4,6 +4,8 @@ model, reports, and `nanoseek eval` end to end on a tiny model."""
 import json
 import math
 
+import sys
+
 import pytest
 
 from nanoseek.eval import (evaluate_model, evaluate_task, majority_correct, markdown_table, mean_interval, pass_at_k,
@@ -63,7 +65,6 @@ def test_majority_vote():
 
 def test_evaluate_task_with_a_scripted_model(model_dir, monkeypatch):
     """The 'model' answers correctly in greedy mode; sampled, it is right in 1 of every 4 samples."""
-    from nanoseek import infer
     tok = Tokenizer.load(model_dir)
     problems = TASK.generate(10, seed=0, split="test")
     by_prompt = {p.prompt: p for p in problems}
@@ -79,7 +80,8 @@ def test_evaluate_task_with_a_scripted_model(model_dir, monkeypatch):
             out.append(tok.encode(TASK.completion(p) if good else reply("1")) + [tok.eos_id])
         return out
 
-    monkeypatch.setattr(infer, "generate", fake_generate)
+    # generate_batches calls the module's generate (the package attribute of that name is the function)
+    monkeypatch.setattr(sys.modules["nanoseek.infer.generate"], "generate", fake_generate)
     res = evaluate_task(None, tok, TASK, problems=problems, k=4, batch_size=8)
     assert res["greedy_accuracy"]["value"] == 1.0 and res["format_rate"] == 1.0 and res["truncated_rate"] == 0.0
     assert res["pass@1"]["value"] == pytest.approx(0.25) and res["pass@4"]["value"] == 1.0

@@ -4,6 +4,8 @@ k3 KL), sequence packing, recipes, a tiny end-to-end run with exact resume, and 
 import json
 import math
 
+import sys
+
 import pytest
 import torch
 
@@ -194,7 +196,6 @@ def test_grpo_cli(policy, tmp_path):
 # ---- distillation -------------------------------------------------------------------------------
 def test_distill_keeps_only_correct_traces(policy, tmp_path, monkeypatch):
     """A fake teacher answers problem i correctly in its even samples and wrongly in its odd ones."""
-    from nanoseek import infer
     from nanoseek.train.distill import distill
     task = get_task("addition3")
     tok = Tokenizer.load(policy)
@@ -211,7 +212,8 @@ def test_distill_keeps_only_correct_traces(policy, tmp_path, monkeypatch):
             out.append(tok.encode(reply) + [tok.eos_id])
         return out
 
-    monkeypatch.setattr(infer, "generate", fake_generate)
+    # generate_batches calls the module's generate (the package attribute of that name is the function)
+    monkeypatch.setattr(sys.modules["nanoseek.infer.generate"], "generate", fake_generate)
     stats = distill(policy, "addition3", tmp_path / "d", n_problems=6, samples_per_problem=2, seed=0,
                     student={"model": TINY, "max_steps": 2, "batch_size": 2, "seq_len": 160, "save_every": 0,
                              "mtp_loss_weight": 0.0})

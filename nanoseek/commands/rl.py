@@ -154,7 +154,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 @command("eval", "held-out accuracy on a reasoning task: greedy, pass@1 over k samples, pass@k, maj@k",
          _eval_arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..eval import load_for_eval, markdown_table, summary_line, write_eval
+    from ..checkpoint import load_model_and_tokenizer
+    from ..eval import markdown_table, summary_line, write_eval
     from ..eval.tasks import evaluate_task
     from ..tasks import get_task
     _threads(args.threads)
@@ -162,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("need --n >= 1, --k >= 0 and something to measure (greedy or k > 0)")
     task = get_task(args.task)
     problems = task.generate(args.n, seed=1234, split="test", difficulty=args.difficulty)
-    model, tok = load_for_eval(args.path, args.tokenizer)
+    model, tok = load_model_and_tokenizer(args.path, args.tokenizer)
     result = evaluate_task(model, tok, task, problems=problems, k=args.k, temperature=args.temperature,
                            top_p=args.top_p, greedy=not args.no_greedy, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty())

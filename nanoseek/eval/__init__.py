@@ -10,32 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import load_model_and_tokenizer
 from .tasks import (evaluate_task, fmt_metric, majority_correct, markdown_table, mean_interval, pass_at_k,
                     summary_line, wilson_interval)
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder (config.json), or a run folder holding one in model/."""
-    from ..errors import CheckpointError
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    raise CheckpointError(f"{path}: neither a model folder (config.json) nor a run folder with model/")
-
-
-def load_for_eval(path: str | Path, tokenizer: str | Path | None = None, device: str | None = None):
-    """(model in eval mode, tokenizer) from a model or run folder; the tokenizer defaults to the
-    one saved beside the weights."""
-    import torch
-
-    from ..checkpoint import load_model
-    from ..tokenizer import Tokenizer
-    model_dir = resolve_model_dir(path)
-    model = load_model(model_dir, device=device, dtype=torch.float32).eval()
-    tok = Tokenizer.load(tokenizer or model_dir)
-    return model, tok
 
 
 def write_eval(result: dict, out: str | Path, label: str | None = None) -> tuple[Path, Path]:
@@ -59,7 +36,7 @@ def evaluate_model(path: str | Path, task: str, out: str | Path | None = None, t
                    device: str | None = None, **kwargs) -> dict:
     """Load a model folder, evaluate it on `task` (kwargs as evaluate_task) and, with `out`, write
     the JSON and markdown reports there."""
-    model, tok = load_for_eval(path, tokenizer, device)
+    model, tok = load_model_and_tokenizer(path, tokenizer, device)
     result = evaluate_task(model, tok, task, **kwargs)
     result["model"] = str(path)
     if out is not None:
@@ -67,6 +44,6 @@ def evaluate_model(path: str | Path, task: str, out: str | Path | None = None, t
     return result
 
 
-__all__ = ["evaluate_task", "evaluate_model", "load_for_eval", "resolve_model_dir", "write_eval",
+__all__ = ["evaluate_task", "evaluate_model", "write_eval",
            "markdown_table", "fmt_metric", "summary_line", "wilson_interval", "mean_interval", "pass_at_k",
            "majority_correct"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Sequence
 
-from ..tasks import Problem, Task, extract_answer, get_task
+from ..infer import generate_batches
+from ..tasks import Problem, Task, default_max_new_tokens, extract_answer, get_task, prompt_ids
 
 Z95 = 1.959963984540054
 
@@ -76,34 +77,6 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
     return task.check_answer(first[winner], problem)
 
 
-# ---- generation ---------------------------------------------------------------------------------
-def prompt_ids(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
-    """R1 chat prompts (ending with `<｜Assistant｜><think>\\n`) for the problems."""
-    chats = [[{"role": "user", "content": p.prompt}] for p in problems]
-    return [ids for ids, _ in tokenizer.encode_chats(chats, add_generation_prompt=True)]
-
-
-def default_max_new_tokens(task: Task, tokenizer, problems: Sequence[Problem], margin: float = 1.5) -> int:
-    """Room for 1.5x the longest solver reply among the problems (+16 tokens)."""
-    longest = max((len(tokenizer.encode(task.completion(p))) + 1 for p in problems), default=64)
-    return int(margin * longest) + 16
-
-
-def run_generation(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                   seed: int, eos_id: int, batch_size: int, on_batch: Callable[[int], None] | None = None
-                   ) -> list[list[int]]:
-    """nanoseek.generate over batches (each batch seeded with seed + its index)."""
-    from .. import infer
-    out: list[list[int]] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = prompts[start:start + batch_size]
-        out += infer.generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed + b, eos_token_id=eos_id)
-        if on_batch is not None:
-            on_batch(len(batch))
-    return out
-
-
 # ---- evaluation ---------------------------------------------------------------------------------
 def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int = 8, temperature: float = 0.6,
                   top_p: float = 0.95, greedy: bool = True, max_new_tokens: int | None = None,
@@ -131,7 +104,7 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
     generated = 0
     try:
         if greedy:
-            outs = run_generation(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+            outs = generate_batches(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
                                   seed=seed, eos_id=eos, batch_size=batch_size, on_batch=bar.update)
             texts = [tokenizer.decode(o) for o in outs]
             correct = [task.check(t, p) for t, p in zip(texts, problems)]
@@ -145,7 +118,7 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
             result["per_problem_greedy"] = [int(c) for c in correct]
         if k > 0:
             repeated = [ids for ids in prompts for _ in range(k)]
-            outs = run_generation(model, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
+            outs = generate_batches(model, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed + 100_003, eos_id=eos, batch_size=batch_size,
                                   on_batch=bar.update)
             generated += sum(map(len, outs))

@@ -4,6 +4,8 @@ and `sample_next`, one sampling step over a batch of logits.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..model import Transformer
@@ -79,3 +81,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     finally:
         model.train(was_training)
     return [r.output_ids for r in requests]
+
+
+def generate_batches(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                     top_p: float, seed: int, eos_id: int, batch_size: int,
+                     on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """`generate` over consecutive batches of `batch_size` prompts, batch b seeded with seed + b (so the
+    result does not depend on how many batches came before in another call); `on_batch(n)` after each."""
+    out: list[list[int]] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start:start + batch_size]
+        out += generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed + b, eos_token_id=eos_id)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out

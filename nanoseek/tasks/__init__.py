@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..errors import DataError
 from .arithmetic import Addition, Multiplication, addition_trace, multiplication_trace
-from .base import (ANSWER_CLOSE, ANSWER_OPEN, Problem, Task, extract_answer, format_reply, parse_integer,
-                   split_of, split_reply, strip_eos)
+from .base import (ANSWER_CLOSE, ANSWER_OPEN, Problem, Task, default_max_new_tokens, extract_answer, format_reply,
+                   parse_integer, prompt_ids, split_of, split_reply, strip_eos)
 from .countdown import Countdown, ExpressionError, check_expression, evaluate, solve_countdown
 from .rewards import Rewards, accuracy_reward, format_reward, resolve_reward, think_reward
 
@@ -88,4 +88,4 @@ __all__ = ["Task", "Problem", "TASKS", "get_task", "register", "Addition", "Mult
            "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer", "split_reply",
            "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace", "multiplication_trace",
            "solve_countdown", "check_expression", "evaluate", "ExpressionError", "write_chat_jsonl",
-           "prepare_cold_start", "ANSWER_OPEN", "ANSWER_CLOSE"]
+           "prepare_cold_start", "prompt_ids", "default_max_new_tokens", "ANSWER_OPEN", "ANSWER_CLOSE"]

@@ -21,7 +21,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ..errors import DataError
 from ..tokenizer import ASSISTANT, BOS, END_THINK, EOS, PAD, THINK, USER
@@ -223,3 +223,16 @@ class Task:
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+
+
+# ---- prompts and reply lengths ------------------------------------------------------------------
+def prompt_ids(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+    """R1 chat prompts (ending with `<｜Assistant｜><think>\\n`) for the problems."""
+    chats = [[{"role": "user", "content": p.prompt}] for p in problems]
+    return [ids for ids, _ in tokenizer.encode_chats(chats, add_generation_prompt=True)]
+
+
+def default_max_new_tokens(task: Task, tokenizer, problems: Sequence[Problem], margin: float = 1.5) -> int:
+    """Room for 1.5x the longest solver reply among the problems (+16 tokens)."""
+    longest = max((len(tokenizer.encode(task.completion(p))) + 1 for p in problems), default=64)
+    return int(margin * longest) + 16

@@ -35,22 +35,23 @@ def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_pe
     """Rejection sampling: `samples_per_problem` teacher samples for each of `n_problems` train-split
     problems; keeps up to `keep_per_problem` distinct correct traces per problem. Returns (chat
     records, statistics)."""
-    from ..eval import load_for_eval
-    from ..eval.tasks import default_max_new_tokens, prompt_ids, run_generation
+    from ..checkpoint import load_model_and_tokenizer
+    from ..infer import generate_batches
+    from ..tasks import default_max_new_tokens, prompt_ids
     from ..tasks import get_task
     from tqdm import tqdm
     if samples_per_problem < 1 or keep_per_problem < 1 or n_problems < 1:
         raise DataError("n_problems, samples_per_problem and keep_per_problem must be at least 1")
     task = get_task(task)
-    model, tok = load_for_eval(teacher)
+    model, tok = load_model_and_tokenizer(teacher)
     problems = task.generate(n_problems, seed=seed, split="train", difficulty=difficulty)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(task, tok, problems)
     rows = [ids for ids in prompt_ids(tok, problems) for _ in range(samples_per_problem)]
     t0 = time.perf_counter()
     with tqdm(total=len(rows), desc="distill: sample", unit="seq", disable=not progress, leave=False) as bar:
-        outs = run_generation(model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, eos_id=tok.eos_id, batch_size=batch_size, on_batch=bar.update)
+        outs = generate_batches(model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, eos_id=tok.eos_id, batch_size=batch_size, on_batch=bar.update)
     records, correct, solved = [], 0, 0
     for i, problem in enumerate(problems):
         kept, seen = 0, set()
@@ -94,7 +95,7 @@ def distill(teacher: str | Path, task: str, out: str | Path, *, n_problems: int 
     max_steps, lr, batch_size, seq_len, ...); `out`, `data`, `mode` and `tokenizer` are set here. The
     student shares the teacher's tokenizer (the traces are tokenized with it). Returns a summary."""
     from ..data import prepare
-    from ..eval import resolve_model_dir
+    from ..checkpoint import resolve_model_dir
     from ..tokenizer import Tokenizer
     from .recipe import TrainRecipe
     from .trainer import train

@@ -332,7 +332,7 @@ class GRPOTrainer:
         self.eval_problems = None
 
     def _default_max_new_tokens(self) -> int:
-        from ..eval.tasks import default_max_new_tokens
+        from ..tasks import default_max_new_tokens
         from ..tasks.base import make_rng
         rng = make_rng("max_new_tokens", self.task.name)
         problems = [self.task.sample(rng, "train", self.recipe.difficulty) for _ in range(64)]
@@ -360,7 +360,7 @@ class GRPOTrainer:
     def rollout(self, step: int) -> Rollouts:
         """This rank's share of the step's prompts, G samples each (all of them in one process)."""
         from .. import infer
-        from ..eval.tasks import prompt_ids
+        from ..tasks import prompt_ids
         from ..tasks.base import make_rng
         r = self.recipe
         rng = make_rng("grpo", r.seed, step)
@@ -517,7 +517,8 @@ class GRPOTrainer:
 
     def evaluate(self) -> float:
         """Greedy accuracy on eval_n problems (under data parallelism each rank takes every W-th)."""
-        from ..eval.tasks import evaluate_task
+        from ..infer import generate_batches
+        from ..tasks import prompt_ids
         if self.eval_problems is None:
             self.eval_problems = self.task.generate(self.recipe.eval_n, seed=1234, split=self.recipe.eval_split,
                                                     difficulty=self.recipe.difficulty)
@@ -525,9 +526,9 @@ class GRPOTrainer:
         mine = self.eval_problems[self.rank::self.world]
         correct = 0.0
         if mine:
-            res = evaluate_task(policy, self.tokenizer, self.task, problems=mine, k=0,
-                                max_new_tokens=self.max_new_tokens)
-            correct = res["greedy_accuracy"]["value"] * len(mine)
+            outs = generate_batches(policy, prompt_ids(self.tokenizer, mine), max_new_tokens=self.max_new_tokens,
+                                    temperature=0.0, top_p=1.0, seed=0, eos_id=self.tokenizer.eos_id, batch_size=128)
+            correct = float(sum(self.task.check(self.tokenizer.decode(o), p) for o, p in zip(outs, mine)))
         if self.parallel is not None:
             correct = self.parallel.all_reduce_sum([torch.tensor([correct], dtype=torch.float64)])[0].item()
         self.model.train()
