@@ -12,9 +12,9 @@ import torch
 from nanoseek import ModelConfig, Transformer, generate, load_model, save_model
 from nanoseek.infer import (Engine, IncrementalDetokenizer, ReasoningSplitter, SamplingParams, StopStrings,
                             load_tokenizer)
-from nanoseek.infer.engine import Request
+from nanoseek.infer.request import Request
 from nanoseek.infer.scheduler import QueueFull, Scheduler
-from nanoseek.infer.toy import CONVERSATIONS
+from toy import CONVERSATIONS
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 3], [7, 7, 100], [1], [900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 25]]
 
@@ -118,7 +118,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     trials = 3000
     for _ in range(trials):
         req.draft = int(torch.multinomial(q, 1, generator=draw))
-        (tokens, _), = engine._verify([req], logits)
+        (tokens, _), = engine.decoder.verify([req], logits)
         counts[tokens[0]] += 1
     assert torch.allclose(counts / trials, p, atol=0.03), (counts / trials, p)
 
@@ -383,7 +383,7 @@ def test_extreme_sampling_values_and_a_failed_prefill_never_hang(toy_model, monk
         assert engine.generate([prompt], params)[0].output_ids == greedy_ids
     scheduler = Scheduler(engine, max_waiting=4)
     try:
-        monkeypatch.setattr(engine, "_sample_rows", lambda reqs, logits: 1 / 0)
+        monkeypatch.setattr(engine.decoder, "sample_rows", lambda reqs, logits: 1 / 0)
         got = []
         caller = threading.Thread(target=lambda: got.extend(scheduler.stream_sync(prompt, greedy(5))), daemon=True)
         caller.start()
