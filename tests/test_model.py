@@ -292,10 +292,11 @@ def test_cached_forward_logits_of_the_last_position_and_an_mtp_draft():
         full, (mtp,) = model(x, return_mtp=True)
         cache = LatentCache(cfg, 2, 16)
         positions = torch.arange(11)[None]
-        last, hidden = model.forward_cached(x[:, :11], cache, positions, last_only=True)
-        assert cache.length == 11 and hidden.shape == (2, 11, cfg.hidden_size)
-        assert last.shape == (2, 1, cfg.vocab_size) and torch.allclose(last[:, 0], full[:, 10], atol=1e-5)
-        draft = model.mtp_head(model.mtp_draft(hidden, x[:, 1:12], positions, cache, 0))
+        main = model.forward_cached(x[:, :11], cache, positions, last_only=True)
+        assert cache.length == 11 and main.hidden.shape == (2, 11, cfg.hidden_size) and main.mask is None
+        assert main.logits.shape == (2, 1, cfg.vocab_size)
+        assert torch.allclose(main.logits[:, 0], full[:, 10], atol=1e-5)
+        draft = model.mtp_head(model.mtp_draft(main, x[:, 1:12], positions, cache, 0))
         assert torch.allclose(draft, mtp, atol=1e-5)
-        step, _ = model.forward_cached(x[:, 11:], cache)  # the next token attends to the 11 cached ones
+        step = model.forward_cached(x[:, 11:], cache).logits  # the next token attends to the 11 cached ones
         assert cache.length == 12 and torch.allclose(step[:, 0], full[:, 11], atol=1e-5)

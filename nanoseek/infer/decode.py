@@ -52,7 +52,7 @@ class Decoder:
         if self.speculative:
             tail = torch.tensor(firsts if following is None else following, device=self.device)
             nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
-            mtp_h = self.model.mtp_draft(out.hidden, nxt, positions, cache, start)
+            mtp_h = self.model.mtp_draft(out, nxt, positions, cache, start)
             if following is None:
                 self.set_drafts(reqs, self.model.mtp_head(mtp_h[:, -1]))
         return firsts
@@ -84,9 +84,9 @@ class Decoder:
         ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
         positions = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
         view = slots.view()
-        logits, h = self.model.forward_cached(ids, view, positions)
+        main = self.model.forward_cached(ids, view, positions)
         slots.length = view.length
-        verified = self.verify(rows, logits)
+        verified = self.verify(rows, main.logits)
         done, accepted = [], []
         for i, (req, (tokens, ok)) in enumerate(zip(rows, verified)):
             req.drafted += 1
@@ -103,7 +103,7 @@ class Decoder:
         # MTP on the new positions: accepted rows (h_t, emb(d)), (h_d, emb(t2)); rejected (h_t, emb(t1))
         nxt = torch.tensor([[r.draft, r.last] if a else [r.last, r.last] for r, a in zip(rows, accepted)],
                            device=self.device)
-        mtp_h = self.model.mtp_draft(h, nxt, positions, view, L)
+        mtp_h = self.model.mtp_draft(main, nxt, positions, view, L, revalidated=True)
         pick = ok.long()  # the draft comes from the last accepted position
         last_h = mtp_h[torch.arange(n, device=self.device), pick]
         finished = set(done)

@@ -25,6 +25,7 @@ class CachedForward(NamedTuple):
 
     logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) for the last position only
     hidden: torch.Tensor  # (B, T, D) final hidden states before the output norm
+    mask: torch.Tensor | None  # (B, T, start + T) the attention mask it used (None: causal)
 
 
 class Block(nn.Module):
@@ -139,7 +140,8 @@ class Transformer(nn.Module):
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training batches, not with a cache")
-            logits, h = self.forward_cached(input_ids, cache, positions, start=start, attention_mask=attention_mask)
+            logits, h, _ = self.forward_cached(input_ids, cache, positions, start=start,
+                                               attention_mask=attention_mask)
         else:
             h = self.hidden_states(input_ids, positions, mask=self._mask(T, attention_mask, segment_ids))
             logits = self.lm_head(self.norm(h))
@@ -155,29 +157,32 @@ class Transformer(nn.Module):
 
         positions: (B or 1, T) rotary positions (default: the slot numbers). attention_mask: (B, T) 1 for
         real tokens, 0 for padding. last_only: logits of the last position only (B, 1, vocab), all a
-        sampler needs. Returns the logits and the final hidden states (B, T, D), from which an MTP module
-        drafts (`mtp_draft`).
+        sampler needs. Returns the logits, the final hidden states (B, T, D), from which an MTP module
+        drafts (`mtp_draft`), and the attention mask used.
         """
         T = input_ids.shape[1]
         if start is None:
             start = cache.length
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        cache.mark(start, attention_mask, T)
-        h = self.hidden_states(input_ids, positions, cache, start, self._cache_mask(cache, start, T))
+        mask = self._cache_mask(cache.mark(start, attention_mask, T), cache, start, T)
+        h = self.hidden_states(input_ids, positions, cache, start, mask)
         cache.length = start + T
         out = h[:, -1:] if last_only else h
-        return CachedForward(self.lm_head(self.norm(out)), h)
+        return CachedForward(self.lm_head(self.norm(out)), h, mask)
 
-    def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
-                  start: int) -> torch.Tensor:
-        """MTP module 1 over the cache slots start..start+T that the main forward giving `hidden` filled:
+    def mtp_draft(self, main: CachedForward, next_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+                  start: int, *, revalidated: bool = False) -> torch.Tensor:
+        """MTP module 1 over the cache slots start..start+T that the main forward `main` filled:
         (h_i, emb(t_{i+1})) -> its hidden state (B, T, D) (logits: `mtp_head`). It writes its own cache
-        layer (num_hidden_layers) and attends to the slots the cache holds as valid now (a caller may
-        have invalidated a rejected draft's slot since the main forward)."""
-        module = self.mtp[0]
-        mask = self._cache_mask(cache, start, next_ids.shape[1])
-        return module(hidden, self.embed_tokens(next_ids), self.rotary(positions), cache, start, mask)
+        layer (num_hidden_layers) and attends as the main forward did, or, `revalidated`, to the slots
+        the cache holds as valid now (after the caller invalidated a rejected draft's slot)."""
+        T = next_ids.shape[1]
+        if revalidated:
+            mask = self._cache_mask(cache.valid[:, : start + T] if cache.padded else None, cache, start, T)
+        else:
+            mask = main.mask
+        return self.mtp[0](main.hidden, self.embed_tokens(next_ids), self.rotary(positions), cache, start, mask)
 
     def mtp_head(self, hidden: torch.Tensor, depth: int = 1) -> torch.Tensor:
         """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head."""
@@ -193,12 +198,12 @@ class Transformer(nn.Module):
         return None
 
     @staticmethod
-    def _cache_mask(cache: LatentCache, start: int, T: int) -> torch.Tensor | None:
-        """(B, T, start + T) mask for T tokens in cache slots start.. (as the cache marked them), shared
-        by all layers; None where causal attention over every slot is exact: a new prefill, or one token
+    def _cache_mask(key_valid: torch.Tensor | None, cache: LatentCache, start: int, T: int) -> torch.Tensor | None:
+        """(B, T, start + T) mask for T tokens in cache slots start.., shared by all layers. key_valid:
+        (B, start + T) the cache's valid slots when it holds padding (what `LatentCache.mark` returns).
+        None where causal attention over every slot is exact: a prefill without padding, or one token
         that may see every slot (decode then builds and applies no mask per layer)."""
-        if cache.padded:
-            key_valid = cache.valid[:, : start + T]
+        if key_valid is not None:
             if T == 1 and bool(key_valid.all()):
                 return None
             return attention_mask_for(key_valid, start, T)
