@@ -263,6 +263,19 @@ def test_cache_compaction_and_growth_keep_outputs(speculative):
     assert engine.stats["compactions"] > 0
 
 
+def test_a_request_joining_a_cache_full_of_holes_compacts_it():
+    """Rows that run on while others leave and join keep the shared length growing (two slots a step
+    with speculation) and fill the cache with holes; a join then compacts instead of overflowing."""
+    model = random_model(seed=0)
+    engine = Engine(model, max_batch=4, max_model_len=48, prefill_chunk=64, speculative=True)
+    reqs = [engine.add(p, SamplingParams(max_tokens=40 - len(p), temperature=1.0, seed=i))
+            for i, p in enumerate(PROMPTS * 3)]
+    while engine.has_work:
+        engine.step()
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 40 - len(r.prompt) for r in reqs)
+    assert engine.stats["compactions"] > 1
+
+
 def test_context_length_caps_generation():
     model = random_model(seed=6, mtp=0)
     engine = Engine(model, max_model_len=10)

@@ -87,6 +87,8 @@ class Slots:
         P, n = rows.shape[1], len(self.rows)
         if n == 0:
             self.length = 0
+        if max(self.length, P) + 2 > self.max_slots:  # holes (left padding, rejected drafts) fill the slots
+            self.compact()
         self._reserve(max(self.length, P) + 2)
         if P > self.length:  # shift everyone right to make room on the left
             shift, L = P - self.length, self.length
