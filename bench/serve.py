@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the toy model is a test fixture
 
 from nanoseek import ModelConfig, Transformer, generate, load_model, save_model  # noqa: E402
 from nanoseek.infer import Engine, SamplingParams, load_tokenizer  # noqa: E402
-from nanoseek.infer.toy import CONVERSATIONS, make_toy_chat_model  # noqa: E402
+from toy import CONVERSATIONS, make_toy_chat_model  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 warnings.simplefilter("ignore")

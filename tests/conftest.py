@@ -27,7 +27,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny model (with MTP) that memorized R1-style conversations, and its tokenizer (on disk)."""
-    from nanoseek.infer.toy import make_toy_chat_model
+    from toy import make_toy_chat_model
     path = tmp_path_factory.getbasetemp() / "toy-chat"
     if not (path / "config.json").exists():
         make_toy_chat_model(path)

@@ -11,7 +11,7 @@ import torch
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.cli import main
 from nanoseek.infer import load_tokenizer
-from nanoseek.infer.toy import CONVERSATIONS
+from toy import CONVERSATIONS
 from nanoseek.serve import Policy, load_engine
 from nanoseek.serve.chat import DIM, RESET, TerminalChat
 

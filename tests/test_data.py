@@ -14,7 +14,7 @@ import torch
 
 from nanoseek import DataError
 from nanoseek.cli import main
-from nanoseek.data import TokenLoader, prepare, read_manifest, segment_causal_mask, token_dtype
+from nanoseek.data import TokenLoader, prepare, read_manifest, token_dtype
 from nanoseek.data.corpora import (SHAKESPEARE_ARCHIVE, download_shakespeare, play_key, prepare_shakespeare,
                                    shakespeare_texts, split_by_play)
 from nanoseek.data.sources import safe_cut, split_text, text_chunks
@@ -355,15 +355,6 @@ def test_whole_documents_pack_pad_and_mask(tok, tmp_path):
     short = TokenLoader(tmp_path / "data", batch_size=1, seq_len=8, whole_documents=True, shuffle=False)
     row = next(short)
     assert row.tokens[0].tolist() == flat[0][:9] and (row.segment_ids == 0).all()  # truncated
-
-
-def test_attention_mask_is_causal_within_segments():
-    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
-    mask = segment_causal_mask(seg)[0, 0]
-    assert mask.shape == (6, 6)
-    assert mask[1, 0] and not mask[0, 1]         # causal
-    assert not mask[2, 1] and mask[4, 2]         # no attention across documents
-    assert mask[5, 5] and not mask[5, 4]         # padding attends only itself
 
 
 def test_epoch_batches_for_validation(text_data):

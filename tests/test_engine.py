@@ -12,9 +12,9 @@ import torch
 from nanoseek import ModelConfig, Transformer, generate, load_model, save_model
 from nanoseek.infer import (Engine, IncrementalDetokenizer, ReasoningSplitter, SamplingParams, StopStrings,
                             load_tokenizer)
-from nanoseek.infer.engine import Request
+from nanoseek.infer.request import Request
 from nanoseek.infer.scheduler import QueueFull, Scheduler
-from nanoseek.infer.toy import CONVERSATIONS
+from toy import CONVERSATIONS
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 3], [7, 7, 100], [1], [900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 25]]
 
@@ -118,7 +118,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     trials = 3000
     for _ in range(trials):
         req.draft = int(torch.multinomial(q, 1, generator=draw))
-        (tokens, _), = engine._verify([req], logits)
+        (tokens, _), = engine.decoder.verify([req], logits)
         counts[tokens[0]] += 1
     assert torch.allclose(counts / trials, p, atol=0.03), (counts / trials, p)
 
@@ -263,6 +263,19 @@ def test_cache_compaction_and_growth_keep_outputs(speculative):
     assert engine.stats["compactions"] > 0
 
 
+def test_a_request_joining_a_cache_full_of_holes_compacts_it():
+    """Rows that run on while others leave and join keep the shared length growing (two slots a step
+    with speculation) and fill the cache with holes; a join then compacts instead of overflowing."""
+    model = random_model(seed=0)
+    engine = Engine(model, max_batch=4, max_model_len=48, prefill_chunk=64, speculative=True)
+    reqs = [engine.add(p, SamplingParams(max_tokens=40 - len(p), temperature=1.0, seed=i))
+            for i, p in enumerate(PROMPTS * 3)]
+    while engine.has_work:
+        engine.step()
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 40 - len(r.prompt) for r in reqs)
+    assert engine.stats["compactions"] > 1
+
+
 def test_context_length_caps_generation():
     model = random_model(seed=6, mtp=0)
     engine = Engine(model, max_model_len=10)
@@ -383,7 +396,7 @@ def test_extreme_sampling_values_and_a_failed_prefill_never_hang(toy_model, monk
         assert engine.generate([prompt], params)[0].output_ids == greedy_ids
     scheduler = Scheduler(engine, max_waiting=4)
     try:
-        monkeypatch.setattr(engine, "_sample_rows", lambda reqs, logits: 1 / 0)
+        monkeypatch.setattr(engine.decoder, "sample_rows", lambda reqs, logits: 1 / 0)
         got = []
         caller = threading.Thread(target=lambda: got.extend(scheduler.stream_sync(prompt, greedy(5))), daemon=True)
         caller.start()

@@ -7,6 +7,7 @@ import torch
 
 from conftest import random_experts
 from nanoseek import LatentCache, ModelConfig, Transformer
+from nanoseek.model.attention import segment_mask
 from nanoseek.model.moe import Gate, RoutedExperts
 from nanoseek.model.rope import rope_frequencies
 
@@ -270,3 +271,32 @@ def test_packed_segments_equal_separate_sequences():
     assert torch.allclose(got[:, 10:], ref_b, atol=1e-5)
     # MTP depth 1 at position i uses token i+1: rows inside segment a (i < 9) match a alone
     assert torch.allclose(got_mtp[0][:, :9], mtp_a[0], atol=1e-5)
+
+
+def test_segment_mask_is_causal_within_segments():
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    mask = segment_mask(seg)[0]
+    assert mask.shape == (6, 6)
+    assert mask[1, 0] and not mask[0, 1]         # causal
+    assert not mask[2, 1] and mask[4, 2]         # no attention across documents
+    assert mask[5, 5] and not mask[5, 4]         # padding attends only itself
+
+
+def test_cached_forward_logits_of_the_last_position_and_an_mtp_draft():
+    """What the engine calls: forward_cached (hidden states, last-position logits, the cache advances),
+    then mtp_draft + mtp_head over the same slots, equal to the training forward's MTP logits."""
+    cfg = tiny(num_nextn_predict_layers=1)
+    model = model_for(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full, (mtp,) = model(x, return_mtp=True)
+        cache = LatentCache(cfg, 2, 16)
+        positions = torch.arange(11)[None]
+        main = model.forward_cached(x[:, :11], cache, positions, last_only=True)
+        assert cache.length == 11 and main.hidden.shape == (2, 11, cfg.hidden_size) and main.mask is None
+        assert main.logits.shape == (2, 1, cfg.vocab_size)
+        assert torch.allclose(main.logits[:, 0], full[:, 10], atol=1e-5)
+        draft = model.mtp_head(model.mtp_draft(main, x[:, 1:12], positions, cache, 0))
+        assert torch.allclose(draft, mtp, atol=1e-5)
+        step = model.forward_cached(x[:, 11:], cache).logits  # the next token attends to the 11 cached ones
+        assert cache.length == 12 and torch.allclose(step[:, 0], full[:, 11], atol=1e-5)

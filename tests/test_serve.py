@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from nanoseek.infer import SamplingParams
-from nanoseek.infer.toy import CONVERSATIONS
+from toy import CONVERSATIONS
 from nanoseek.serve import Policy, PolicyError, ServerConfig, build_app
 
 KEY = "test-key"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import uvicorn
 
-from nanoseek.infer.toy import CONVERSATIONS
+from toy import CONVERSATIONS
 from nanoseek.serve import ServerConfig, build_app
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)

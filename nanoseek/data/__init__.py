@@ -6,12 +6,12 @@
     state = loader.state_dict() # JSON-able; loader.load_state_dict(state) resumes exactly
 """
 
-from .loader import Batch, TokenLoader, segment_causal_mask
+from .loader import Batch, TokenLoader
 from .shards import (check_tokenizer, check_vocab, open_split, prepare, read_manifest, token_dtype,
                      write_shards)
 from .corpora import prepare_shakespeare
 from .sources import Document, read_documents, training_texts
 
-__all__ = ["Batch", "TokenLoader", "segment_causal_mask", "prepare", "write_shards", "read_manifest",
+__all__ = ["Batch", "TokenLoader", "prepare", "write_shards", "read_manifest",
            "open_split", "check_vocab", "check_tokenizer", "token_dtype", "Document", "read_documents",
            "training_texts", "prepare_shakespeare"]

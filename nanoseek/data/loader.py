@@ -15,7 +15,8 @@ With `world_size` W, batch k of rank r holds global rows [k B W + r B, k B W + (
 
 Every batch carries, per token, the loss mask (chat data: assistant replies only), a segment id
 (0, 1, 2, ... for each document piece in its row; -1 on padding) and the position within its segment,
-so a trainer can keep attention and positions inside each example (see `Batch.attention_mask`).
+so a trainer can keep attention and positions inside each example (the model takes the segment ids
+and builds the mask: `nanoseek.model.attention.segment_mask`).
 """
 
 from __future__ import annotations
@@ -64,22 +65,9 @@ class Batch:
     def input_positions(self) -> torch.Tensor:  # (B, T): RoPE positions restarting per example
         return self.positions[:, :-1]
 
-    def attention_mask(self) -> torch.Tensor:
-        """(B, 1, T, T) bool for the inputs, True where query t may attend key s: s <= t and both in
-        the same segment (scaled_dot_product_attention's boolean attn_mask convention)."""
-        return segment_causal_mask(self.input_segments)
-
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in
                        (self.tokens, self.loss_mask, self.segment_ids, self.positions)))
-
-
-def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """segment_ids (B, T) -> (B, 1, T, T) bool: causal and block-diagonal by segment."""
-    T = segment_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    return (same & causal)[:, None]
 
 
 class TokenLoader:

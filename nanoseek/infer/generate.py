@@ -1,6 +1,5 @@
 """`nanoseek.generate`: batched generation of token ids (a static batch on the continuous-batching Engine),
-and `sample_next`, one sampling step over a batch of logits.
-"""
+and `generate_batches`, the same over consecutive seeded batches."""
 
 from __future__ import annotations
 
@@ -10,27 +9,7 @@ import torch
 
 from ..model import Transformer
 from .engine import Engine
-from .sampling import GREEDY_BELOW, SamplingParams
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (B, vocab) -> next token ids (B,). temperature 0 (or below 1e-5) is greedy (argmax)."""
-    if temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        drop[:, 0] = False  # and always the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from .sampling import SamplingParams
 
 
 def _check_prompts(prompts, vocab_size: int, max_new_tokens: int):

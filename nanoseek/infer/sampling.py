@@ -67,7 +67,7 @@ class SamplingParams:
 
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """logits (..., vocab) -> fp32 probabilities after temperature, top_k and top_p (temperature > 0).
-    Same rules as `sample_next`: top_p keeps the smallest set of tokens whose probability reaches it."""
+    top_p keeps the smallest set of tokens whose probability reaches it."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]

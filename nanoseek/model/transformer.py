@@ -6,6 +6,8 @@ checkpoint mapping is a prefix, except for stacked routed experts and MTP module
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -16,6 +18,14 @@ from .cache import LatentCache
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+
+
+class CachedForward(NamedTuple):
+    """What `Transformer.forward_cached` returns."""
+
+    logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) for the last position only
+    hidden: torch.Tensor  # (B, T, D) final hidden states before the output norm
+    mask: torch.Tensor | None  # (B, T, start + T) the attention mask it used (None: causal)
 
 
 class Block(nn.Module):
@@ -114,10 +124,10 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab).
 
         cache: tokens go into cache slots start..start+T (default start = cache.length) and the cache
-        advances by T. positions: (B, T) rotary positions (default: the slot numbers); pass them for
-        left-padded or packed batches. attention_mask: (B, T) 1 for real tokens, 0 for padding
-        (remembered by the cache for later steps). segment_ids: (B, T) packed examples (no cache):
-        tokens attend only within their segment. return_mtp: also a list of MTP logits, depth k
+        advances by T (see `forward_cached`). positions: (B, T) rotary positions (default: the slot
+        numbers); pass them for left-padded or packed batches. attention_mask: (B, T) 1 for real tokens,
+        0 for padding (remembered by the cache for later steps). segment_ids: (B, T) packed examples (no
+        cache): tokens attend only within their segment. return_mtp: also a list of MTP logits, depth k
         giving (B, T - k, vocab) where position i predicts token i + k + 1.
         """
         if input_ids.dim() != 2:
@@ -127,32 +137,79 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        mask = self._mask(T, cache, start, attention_mask, segment_ids)
-        h = self.hidden_states(input_ids, positions, cache, start, mask)
-        logits = self.lm_head(self.norm(h))
         if cache is not None:
-            cache.length = start + T
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training batches, not with a cache")
+            logits, h, _ = self.forward_cached(input_ids, cache, positions, start=start,
+                                               attention_mask=attention_mask)
+        else:
+            h = self.hidden_states(input_ids, positions, mask=self._mask(T, attention_mask, segment_ids))
+            logits = self.lm_head(self.norm(h))
         if not return_mtp:
             return logits
         return logits, self.mtp_logits(h, input_ids, positions, segment_ids)
 
+    def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, positions: torch.Tensor | None = None, *,
+                       start: int | None = None, attention_mask: torch.Tensor | None = None,
+                       last_only: bool = False) -> CachedForward:
+        """T new tokens (B, T) through the model into cache slots start..start+T (default start =
+        cache.length); the cache records which slots hold real tokens and advances to start + T.
+
+        positions: (B or 1, T) rotary positions (default: the slot numbers). attention_mask: (B, T) 1 for
+        real tokens, 0 for padding. last_only: logits of the last position only (B, 1, vocab), all a
+        sampler needs. Returns the logits, the final hidden states (B, T, D), from which an MTP module
+        drafts (`mtp_draft`), and the attention mask used.
+        """
+        T = input_ids.shape[1]
+        if start is None:
+            start = cache.length
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        mask = self._cache_mask(cache.mark(start, attention_mask, T), cache, start, T)
+        h = self.hidden_states(input_ids, positions, cache, start, mask)
+        cache.length = start + T
+        out = h[:, -1:] if last_only else h
+        return CachedForward(self.lm_head(self.norm(out)), h, mask)
+
+    def mtp_draft(self, main: CachedForward, next_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+                  start: int, *, revalidated: bool = False) -> torch.Tensor:
+        """MTP module 1 over the cache slots start..start+T that the main forward `main` filled:
+        (h_i, emb(t_{i+1})) -> its hidden state (B, T, D) (logits: `mtp_head`). It writes its own cache
+        layer (num_hidden_layers) and attends as the main forward did, or, `revalidated`, to the slots
+        the cache holds as valid now (after the caller invalidated a rejected draft's slot)."""
+        T = next_ids.shape[1]
+        if revalidated:
+            mask = self._cache_mask(cache.valid[:, : start + T] if cache.padded else None, cache, start, T)
+        else:
+            mask = main.mask
+        return self.mtp[0](main.hidden, self.embed_tokens(next_ids), self.rotary(positions), cache, start, mask)
+
+    def mtp_head(self, hidden: torch.Tensor, depth: int = 1) -> torch.Tensor:
+        """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head."""
+        return self.lm_head(self.mtp[depth - 1].shared_head.norm(hidden))
+
     @staticmethod
-    def _mask(T, cache, start, attention_mask, segment_ids) -> torch.Tensor | None:
-        """(B, T, S) attention mask shared by all layers, or None for plain causal attention."""
+    def _mask(T, attention_mask, segment_ids) -> torch.Tensor | None:
+        """(B, T, T) attention mask without a cache, or None for plain causal attention."""
         if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids are for packed training batches, not with a cache")
             return segment_mask(segment_ids)
-        if cache is not None:
-            key_valid = cache.mark(start, attention_mask, T)
-            if key_valid is None and (T == 1 or start == 0):
-                return None
-            if key_valid is None:
-                key_valid = cache.valid[:, : start + T]
-            return attention_mask_for(key_valid, start, T)
         if attention_mask is not None:
             return attention_mask_for(attention_mask.bool(), 0, T)
         return None
+
+    @staticmethod
+    def _cache_mask(key_valid: torch.Tensor | None, cache: LatentCache, start: int, T: int) -> torch.Tensor | None:
+        """(B, T, start + T) mask for T tokens in cache slots start.., shared by all layers. key_valid:
+        (B, start + T) the cache's valid slots when it holds padding (what `LatentCache.mark` returns).
+        None where causal attention over every slot is exact: a prefill without padding, or one token
+        that may see every slot (decode then builds and applies no mask per layer)."""
+        if key_valid is not None:
+            if T == 1 and bool(key_valid.all()):
+                return None
+            return attention_mask_for(key_valid, start, T)
+        if T == 1 or start == 0:
+            return None
+        return attention_mask_for(cache.valid[:, : start + T], start, T)
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                    segment_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -166,7 +223,7 @@ class Transformer(nn.Module):
                 torch.arange(T - k, device=input_ids.device)[None]
             mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
             hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), self.rotary(pos), mask=mask)
-            out.append(self.lm_head(module.shared_head.norm(hidden)))
+            out.append(self.mtp_head(hidden, k))
         return out
 
     # ---- balancing statistics -----------------------------------------------------------

@@ -1,9 +1,9 @@
 """A toy chat model: a tiny nanoseek model (MTP included) that memorized a few R1-style conversations.
 
-For tests, demos and benchmarks of the inference stack without downloads: greedy decoding replays the
-memorized replies exactly (a think block, then an answer with multi-byte characters, then
-end-of-sentence), and its MTP head has learned to draft them, so speculative decoding accepts drafts.
-Builds in a few seconds on a CPU.
+A test fixture (tests/conftest.py's `toy`; bench/serve.py and docs/inference.md use it too): exercises
+the inference stack without downloads. Greedy decoding replays the memorized replies exactly (a think
+block, then an answer with multi-byte characters, then end-of-sentence), and its MTP head has learned
+to draft them, so speculative decoding accepts drafts. Builds in a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_model
-from ..config import ModelConfig
-from ..model import Transformer
-from ..tokenizer import Tokenizer
+from nanoseek.checkpoint import save_model
+from nanoseek.config import ModelConfig
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
 
 CONVERSATIONS = [
     ("hi", "The user greets me. I greet back.", "Hello! 你好 👋 How can I help?"),

@@ -1,0 +1,172 @@
+"""The engine's model calls: prefill forwards, the decode step over the running rows (one token each,
+or a verified draft and one more with speculation), sampling, and MTP drafts.
+
+Speculative decoding (DeepSeek-V3 Sec. 2.2: MTP can draft for self-speculation). The MTP module k=1
+maps the main model's last hidden state h_i and the embedding of token t_{i+1} to a distribution over
+t_{i+2}. After prefill each row holds its next token t and a draft d for the token after it. One step
+feeds [t, d] (2 tokens) through the main model: the logits at t give the true next token; d is
+accepted when it equals it (greedy) or with probability min(1, p(d)/q(d)) (sampling, with the
+residual max(p - q, 0) on rejection: the output distribution is exactly the model's). On acceptance
+the logits at d give one more token for free. The MTP module then runs on the 1 or 2 new positions
+(its own cache layer, `num_hidden_layers`) to draft the next d. A rejected draft's slot is simply
+marked invalid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import LatentCache, Transformer
+from .outputs import StepOutputs
+from .request import Request
+from .sampling import probabilities, sample, uniform
+from .slots import Slots
+
+
+class Decoder:
+    """Runs `model` for the engine; `speculative` drafts with its MTP module. `stats` is the engine's
+    counter dict ("drafted", "accepted")."""
+
+    def __init__(self, model: Transformer, speculative: bool, stats: dict):
+        self.model = model
+        self.config = model.config
+        self.speculative = speculative
+        self.stats = stats
+        self.device, self.dtype = model.device, model.dtype
+
+    def scratch(self, batch: int, length: int) -> LatentCache:
+        """A cache of its own for a prefill (its rows then join the shared one)."""
+        return LatentCache(self.config, batch, length, with_mtp=self.speculative, device=self.device,
+                           dtype=self.dtype)
+
+    # ---- prefill --------------------------------------------------------------------------------
+    def prefill(self, reqs: list[Request], ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+                start: int, attention_mask: torch.Tensor | None = None,
+                following: list[int] | None = None) -> list[int] | None:
+        """Prompt tokens ids (B, T) into cache slots start..start+T. When they end the prompts
+        (`following` None), returns the first generated token per request (and sets its draft);
+        otherwise `following` holds the prompt token after this chunk, which the MTP module needs."""
+        out = self.model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
+                                        last_only=not self.speculative)
+        firsts = self.sample_rows(reqs, out.logits[:, -1]) if following is None else None
+        if self.speculative:
+            tail = torch.tensor(firsts if following is None else following, device=self.device)
+            nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
+            mtp_h = self.model.mtp_draft(out, nxt, positions, cache, start)
+            if following is None:
+                self.set_drafts(reqs, self.model.mtp_head(mtp_h[:, -1]))
+        return firsts
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def decode(self, slots: Slots, outputs: StepOutputs) -> list[int]:
+        """One token for every running row; returns the rows that finished."""
+        slots.ensure_room(1)
+        rows = slots.rows
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        positions = torch.tensor([[r.pos] for r in rows], device=self.device)
+        view = slots.view()
+        logits = self.model.forward_cached(ids, view, positions, last_only=True).logits
+        slots.length = view.length
+        tokens = self.sample_rows(rows, logits[:, 0])
+        done = []
+        for i, (req, token) in enumerate(zip(rows, tokens)):
+            req.pos += 1
+            req.last = token
+            if outputs.accept(req, token):
+                done.append(i)
+        return done
+
+    def decode_speculative(self, slots: Slots, outputs: StepOutputs) -> list[int]:
+        """Verify every row's draft (one or two new tokens each), then draft again; returns the rows
+        that finished."""
+        slots.ensure_room(2)
+        rows, n, L = slots.rows, len(slots.rows), slots.length
+        ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
+        positions = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
+        view = slots.view()
+        main = self.model.forward_cached(ids, view, positions)
+        slots.length = view.length
+        verified = self.verify(rows, main.logits)
+        done, accepted = [], []
+        for i, (req, (tokens, ok)) in enumerate(zip(rows, verified)):
+            req.drafted += 1
+            req.accepted += ok
+            if any(outputs.accept(req, t) for t in tokens):  # stops at the finishing token
+                done.append(i)
+            req.pos += len(tokens)
+            req.last = tokens[-1]
+            accepted.append(ok)
+        self.stats["drafted"] += n
+        self.stats["accepted"] += sum(accepted)
+        ok = torch.tensor(accepted, device=self.device)
+        view.valid[:, L + 1] = ok  # a rejected draft's slot belongs to nobody
+        # MTP on the new positions: accepted rows (h_t, emb(d)), (h_d, emb(t2)); rejected (h_t, emb(t1))
+        nxt = torch.tensor([[r.draft, r.last] if a else [r.last, r.last] for r, a in zip(rows, accepted)],
+                           device=self.device)
+        mtp_h = self.model.mtp_draft(main, nxt, positions, view, L, revalidated=True)
+        pick = ok.long()  # the draft comes from the last accepted position
+        last_h = mtp_h[torch.arange(n, device=self.device), pick]
+        finished = set(done)
+        live = [i for i in range(n) if i not in finished]
+        if live:
+            self.set_drafts([rows[i] for i in live], self.model.mtp_head(last_h[live]))
+        return done
+
+    def verify(self, rows: list[Request], logits: torch.Tensor) -> list[tuple[list[int], bool]]:
+        """logits (n, 2, V) at [t, d] -> per row (new tokens, draft accepted)."""
+        greedy = logits.argmax(dim=-1).tolist()  # (n, 2)
+        out = []
+        for i, req in enumerate(rows):
+            p = req.params
+            if p.greedy:
+                t1, t2 = greedy[i]
+                out.append(([t1, t2], True) if t1 == req.draft else ([t1], False))
+                continue
+            probs = probabilities(logits[i, 0], p.temperature, p.top_p, p.top_k)
+            q = req.draft_q
+            if uniform(req.generator, self.device) * float(q[req.draft]) <= float(probs[req.draft]):
+                t2 = sample(probabilities(logits[i, 1], p.temperature, p.top_p, p.top_k), req.generator)
+                out.append(([req.draft, t2], True))
+            else:
+                residual = (probs - q).clamp(min=0)
+                total = float(residual.sum())
+                t1 = sample(residual / total if total > 0 else probs, req.generator)
+                out.append(([t1], False))
+        return out
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """logits (n, V) -> one token per request by its own params and generator. Rows with the same
+        params share one probabilities() call; rows sharing a generator draw together from it, in row
+        order, so what they sample does not depend on the other rows in the batch."""
+        tokens = logits.argmax(dim=-1).tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(reqs):
+            p = req.params
+            if not p.greedy:
+                groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
+        for (temperature, top_p, top_k), rows in groups.items():
+            probs = probabilities(logits[rows], temperature, top_p, top_k)  # (g, V)
+            shared: dict[int, list[int]] = {}  # generator -> positions in rows, in row order
+            for j, i in enumerate(rows):
+                shared.setdefault(id(reqs[i].generator), []).append(j)
+            for members in shared.values():
+                generator = reqs[rows[members[0]]].generator
+                if len(members) == 1 and len(shared) > 1:  # a request with its own generator
+                    tokens[rows[members[0]]] = sample(probs[members[0]], generator)
+                else:  # requests sharing a generator (a batch, a GRPO group): one draw for them all
+                    picks = torch.multinomial(probs[members], 1, generator=generator).squeeze(-1)
+                    for j, t in zip(members, picks.tolist()):
+                        tokens[rows[j]] = t
+        return tokens
+
+    def set_drafts(self, reqs: list[Request], logits: torch.Tensor):
+        """MTP logits (n, V) -> a draft token (and its distribution when sampling) per request."""
+        drafts = logits.argmax(dim=-1).tolist()
+        for i, req in enumerate(reqs):
+            p = req.params
+            if p.greedy:
+                req.draft, req.draft_q = drafts[i], None
+            else:
+                req.draft_q = probabilities(logits[i], p.temperature, p.top_p, p.top_k)
+                req.draft = sample(req.draft_q, req.generator)
