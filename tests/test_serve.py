@@ -307,7 +307,7 @@ def test_full_queue_answers_503_and_rate_limit_429(server):
         assert codes[-1] == 429 and 200 in codes
     finally:
         api.config.rate_limit = 0
-        api._hits.clear()
+        api.limiter.hits.clear()
 
 
 def test_client_disconnect_cancels_generation(server, monkeypatch):

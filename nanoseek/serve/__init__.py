@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .app import APIError, ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 from .policy import Decision, Policy, PolicyError
+from .wire import APIError
 
 __all__ = ["APIError", "ServerConfig", "create_app", "Decision", "Policy", "PolicyError", "load_engine",
            "build_app"]

@@ -94,14 +94,10 @@ class TerminalChat:
 
     def reply(self, text: str, out: TextIO) -> None:
         """Generate and stream one answer to `text`; the turn joins the history when it completes."""
-        if self.policy is not None:
-            decisions = self.policy.check(text, "input")
-            for d in decisions:
-                self.policy.audit(d, source="chat")
-            refusal = next((d for d in decisions if d.refuses), None)
-            if refusal is not None:
-                out.write(self._style(refusal.message, YELLOW) + "\n")
-                return
+        refusal = self.policy.check_input(text, source="chat") if self.policy is not None else None
+        if refusal is not None:
+            out.write(self._style(refusal.message, YELLOW) + "\n")
+            return
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + \
             [{"role": "user", "content": text}]
         ids, thinking = self.tokenizer.chat_prompt(messages)
@@ -115,7 +111,7 @@ class TerminalChat:
         params = SamplingParams(max_tokens=min(self.max_tokens, room), temperature=self.temperature,
                                 top_p=self.top_p if self.temperature > 0 else 1.0, seed=seed)
         request = self.engine.add(ids, params)
-        monitor = self.policy.monitor() if self.policy is not None and self.policy.has_output_rules else None
+        monitor = self.policy.output_monitor() if self.policy is not None else None
         stream = ChoiceStream(thinking, monitor, self.tokenizer.end_think_id)
         view = _Printer(out, self.color)
         while not request.finished:
@@ -125,10 +121,8 @@ class TerminalChat:
                 delta = stream.feed(o)
                 view.reasoning(delta.reasoning)
                 view.content(delta.content)
-                for flag in delta.flags:
-                    self.policy.audit(flag, source="chat")
+                delta.audit(self.policy, source="chat")
                 if delta.refusal is not None:
-                    self.policy.audit(delta.refusal, source="chat")
                     self.engine.cancel(request.request_id)
                     view.content(self._style(("\n" if stream.content else "") + delta.refusal.message, YELLOW))
                     request.finish_reason = request.finish_reason or "content_filter"

@@ -122,8 +122,19 @@ class Policy:
                     found.append(Decision(rule.name, rule.action, where, m.group(0), rule.message))
         return sorted(found, key=lambda d: not d.refuses)
 
+    def check_input(self, text: str, **context) -> Decision | None:
+        """Check user input and audit every decision (with `context`); -> the refusing one, if any."""
+        decisions = self.check(text, "input")
+        for d in decisions:
+            self.audit(d, **context)
+        return next((d for d in decisions if d.refuses), None)
+
     def monitor(self) -> "OutputMonitor":
         return OutputMonitor(self)
+
+    def output_monitor(self) -> "OutputMonitor | None":
+        """A monitor for one output stream; None when no rule applies to output."""
+        return self.monitor() if self.has_output_rules else None
 
     def audit(self, decision: Decision, **context) -> None:
         """Append one decision (with context such as request_id, source) to the audit log."""

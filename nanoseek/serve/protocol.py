@@ -64,6 +64,11 @@ class SamplingFields(BaseModel):
     user: Optional[str] = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
@@ -87,6 +92,11 @@ class Delta:
     flags: list = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
+
+    def audit(self, policy, **context) -> None:
+        """Record the flags and the refusal this output raised in `policy`'s audit log."""
+        for decision in self.flags + ([self.refusal] if self.refusal is not None else []):
+            policy.audit(decision, **context)
 
 
 class ChoiceStream:
