@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model
+from .cost import CostMeter
 from .data import prepare, read_manifest
+from .eval.report import render
+from .eval.tasks import evaluate_task
 from .params import count_parameters
 from .tasks import get_task, write_chat_jsonl
 from .tokenizer import Tokenizer
 from .train import TrainRecipe, train
+from .train.grpo import GRPORecipe, grpo
 
 
 @dataclass
@@ -141,7 +145,6 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     shutil.copytree(grpo, final)
     results = _results(run, s, sft, grpo, control, dense, accuracy, t_start)
     (run / "results.json").write_text(json.dumps(results, indent=2))
-    from .eval.report import render
     results["report"] = str(render(run))
     return results
 
@@ -159,8 +162,6 @@ def _train_stage(recipe: TrainRecipe) -> Path:
 def _grpo_stage(run: Path, sft: Path, tok_dir: Path, s: DemoSettings, progress: bool) -> Path:
     """GRPO with the strict checker's accuracy + a small format reward (recipes/r1zero-grpo.toml's
     settings); writes grpo/cost.json counting rollouts as forward passes (1/3 of a training token)."""
-    from .cost import CostMeter
-    from .train.grpo import GRPORecipe, grpo
     out = run / "grpo"
     summary_file = out / "summary.json"
     if not (summary_file.exists() and json.loads(summary_file.read_text())["step"] >= s.grpo_steps):
@@ -188,7 +189,6 @@ def _control_steps(run: Path, s: DemoSettings) -> int:
 
 
 def _evaluate(run: Path, label: str, folder: Path, tok, task, s: DemoSettings, progress: bool) -> dict:
-    from .eval.tasks import evaluate_task
     path = run / "eval" / (label.split(" (")[0].replace(" ", "_").replace("+", "plus") + ".json")
     if path.exists():
         return json.loads(path.read_text())
@@ -212,9 +212,8 @@ def _stage_summary(folder: Path) -> dict:
 
 
 def _results(run, s, sft, grpo, control, dense, accuracy, t_start) -> dict:
-    from .checkpoint import load_model as _load
-    moe_cfg = _load(sft).config
-    dense_cfg = _load(dense).config
+    moe_cfg = load_model(sft).config
+    dense_cfg = load_model(dense).config
     moe_p, dense_p = count_parameters(moe_cfg), count_parameters(dense_cfg)
     moe_r = {**_stage_summary(sft), "total_params": moe_p.total, "activated_params": moe_p.activated,
              "accuracy": accuracy["SFT (before RL)"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek import ModelConfig
-from nanoseek.cli import COMMANDS, main
+from nanoseek import ModelConfig, cli
+from nanoseek.cli import COMMAND_MODULES, load_commands, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def test_params_subprocess():
 
 
 # ---- --help on every command -----------------------------------------------------------------------
-@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in COMMANDS])
+@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in load_commands()])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -81,6 +82,30 @@ def test_help(argv, capsys):
 def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "params" in capsys.readouterr().err
+
+
+# ---- the command registry ------------------------------------------------------------------------
+def test_every_command_module_imports_and_is_listed():
+    for name in COMMAND_MODULES:
+        assert importlib.import_module(name).__name__ == name
+    files = {f"nanoseek.commands.{p.stem}" for p in (ROOT / "nanoseek" / "commands").glob("*.py")
+             if not p.name.startswith("_")}
+    assert files == set(COMMAND_MODULES)  # a module left out of COMMAND_MODULES would drop its commands
+
+
+def test_missing_command_module_fails_loudly(monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", COMMAND_MODULES + ("nanoseek.commands.nope",))
+    with pytest.raises(ModuleNotFoundError) as exc:
+        main(["--help"])
+    assert exc.value.name == "nanoseek.commands.nope"
+
+
+def test_broken_command_module_fails_loudly(tmp_path, monkeypatch):
+    (tmp_path / "broken_commands.py").write_text("import nanoseek_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as exc:
+        load_commands(("broken_commands",))
+    assert exc.value.name == "nanoseek_no_such_dependency"
 
 
 # ---- errors: one line, exit code 2, no traceback ---------------------------------------------------

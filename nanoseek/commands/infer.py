@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ..cli import EXIT_OK, command
 from ..errors import NanoseekError
+from ..infer.scheduler import Scheduler
+
+# serve/ (FastAPI, pydantic: about 0.7 s) and uvicorn are imported inside the commands that run a
+# model, so that `nanoseek --help`, which imports every command module, does not pay for them.
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -30,8 +37,6 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args, max_batch: int):
-    import torch
-
     from ..serve import Policy, load_engine
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,12 +102,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 @command("serve", "serve a model over an OpenAI/DeepSeek-compatible HTTP API with a web chat page",
          _serve_arguments)
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
     import uvicorn
 
-    from ..infer.scheduler import Scheduler
     from ..serve import Policy, ServerConfig, create_app, load_engine
     for name in ("max_batch", "max_waiting", "default_max_tokens", "max_body_bytes", "max_messages", "max_n",
                  "prefill_chunk"):

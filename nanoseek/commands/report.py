@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..cli import EXIT_OK, command
+from ..demo import DemoSettings, run_demo
+from ..errors import DataError
+from ..eval.report import render
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +22,6 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 @command("demo", "train a tiny MoE reasoner end to end (SFT, GRPO, evaluation), write a report card",
          _demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import DemoSettings, run_demo
     kw = {"seed": args.seed}
     if args.task:
         kw["task"] = args.task
@@ -43,8 +45,6 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("report", "(re)write the report card of a run folder", _report_arguments)
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..errors import DataError
-    from ..eval.report import render
     if not (args.folder / "results.json").exists():
         raise DataError(f"{args.folder}: no results.json (run `nanoseek demo --out {args.folder}` first)")
     print(render(args.folder))

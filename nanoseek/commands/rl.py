@@ -7,13 +7,21 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from ..checkpoint import load_model_and_tokenizer
 from ..cli import EXIT_OK, add_recipe_arguments, command, recipe_overrides
 from ..errors import ConfigError
+from ..eval import markdown_table, summary_line, write_eval
+from ..eval.tasks import evaluate_task
+from ..tasks import TASKS, get_task, write_chat_jsonl
+from ..train.distill import distill
+from ..train.grpo import grpo, grpo_recipe_fields, load_grpo_recipe
+from ..train.recipe import read_recipe_file
 
 
 def _threads(value: int) -> None:
     if value:
-        import torch
         torch.set_num_threads(value)
 
 
@@ -40,7 +48,6 @@ def _tasks_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("tasks", "reasoning tasks: list them, show solver traces, write cold-start chat JSONL", _tasks_arguments)
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from ..tasks import TASKS, get_task, write_chat_jsonl
     if args.tasks_action == "list":
         for name, task in TASKS.items():
             print(f"{name:<20} {task.description}")
@@ -57,14 +64,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 # ---- nanoseek grpo ---------------------------------------------------------------------------------
 def _grpo_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train.grpo import grpo_recipe_fields
     add_recipe_arguments(parser, grpo_recipe_fields(), "GRPO recipe")
 
 
 @command("grpo", "reinforcement learning with verifiable rewards (GRPO / DAPO / Dr. GRPO) on a task",
          _grpo_arguments)
 def cmd_grpo(args: argparse.Namespace) -> int:
-    from ..train.grpo import grpo, load_grpo_recipe
     summary = grpo(load_grpo_recipe(args.recipe, recipe_overrides(args)))
     how = {"signal": "stopped by a signal at", "max_seconds": "reached max_seconds at"}.get(summary["stopped_by"],
                                                                                               "finished at")
@@ -103,8 +108,6 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "sample a teacher, keep its correct traces (rejection sampling), SFT a student on them",
          _distill_arguments)
 def cmd_distill(args: argparse.Namespace) -> int:
-    from ..train.distill import distill
-    from ..train.recipe import read_recipe_file
     _threads(args.threads)
     student = dict(read_recipe_file(args.student_recipe)) if args.student_recipe else {}
     for key in ("out", "data", "mode", "tokenizer"):
@@ -154,10 +157,6 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 @command("eval", "held-out accuracy on a reasoning task: greedy, pass@1 over k samples, pass@k, maj@k",
          _eval_arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model_and_tokenizer
-    from ..eval import markdown_table, summary_line, write_eval
-    from ..eval.tasks import evaluate_task
-    from ..tasks import get_task
     _threads(args.threads)
     if args.n < 1 or args.k < 0 or (args.no_greedy and args.k == 0):
         raise ConfigError("need --n >= 1, --k >= 0 and something to measure (greedy or k > 0)")

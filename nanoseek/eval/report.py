@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..config import ModelConfig
 from ..cost import PUBLISHED, flops_per_token
 from ..runio import pyplot, read_metrics, save_figure
@@ -53,7 +55,6 @@ def plot_expert_load(folder: Path, out: Path) -> Path | None:
     rows = [r for r in read_metrics(folder) if "expert_load" in r]
     if not rows:
         return None
-    import numpy as np
     plt = pyplot()
     n_layers = len(rows[0]["expert_load"])
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.6 + 1.4 * n_layers), squeeze=False)

@@ -15,6 +15,8 @@ import time
 from collections import Counter
 from typing import Sequence
 
+from tqdm import tqdm
+
 from ..infer import generate_batches
 from ..tasks import Problem, Task, default_max_new_tokens, extract_answer, get_task, prompt_ids
 
@@ -85,7 +87,6 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
     """Evaluate `model` on n held-out problems of `task` (k = 0 skips sampling). Returns a JSON-able
     dict: settings, greedy_accuracy, pass@1, pass@k, maj@k (each {value, ci95}), format and
     truncation rates, completion length, tokens/s and a few example completions."""
-    from tqdm import tqdm
     task = get_task(task)
     if problems is None:
         problems = task.generate(n, seed=problem_seed, split=split)

@@ -17,40 +17,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import DataError
+from ..data import prepare
+from ..data.sources import training_texts
+from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from .arithmetic import Addition, Multiplication, addition_trace, multiplication_trace
 from .base import (ANSWER_CLOSE, ANSWER_OPEN, Problem, Task, default_max_new_tokens, extract_answer, format_reply,
                    parse_integer, prompt_ids, split_of, split_reply, strip_eos)
 from .countdown import Countdown, ExpressionError, check_expression, evaluate, solve_countdown
+from .registry import TASKS, get_task, register
 from .rewards import Rewards, accuracy_reward, format_reward, resolve_reward, think_reward
-
-TASKS: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    TASKS[task.name] = task
-    return task
-
-
-register(Addition("addition", (3, 4, 5, 6), description="a + b, 3 to 6 digits, carry-heavy"))
-for _d in (3, 4, 5, 6):
-    register(Addition(f"addition{_d}", (_d,), description=f"a + b, {_d} digits each, carry-heavy"))
-register(Multiplication("multiplication", (1, 2), description="a * b, 2x2 and 3x2 digits"))
-register(Multiplication("multiplication2x2", (1,), description="a * b, 2x2 digits"))
-register(Multiplication("multiplication3x2", (2,), description="a * b, 3x2 digits"))
-register(Countdown("countdown", (3, 4), description="reach a target from 3-4 numbers with + - * /"))
-register(Countdown("countdown3", (3,), description="reach a target from 3 numbers with + - * /"))
-register(Countdown("countdown4", (4,), description="reach a target from 4 numbers with + - * /"))
-
-
-def get_task(name: str) -> Task:
-    """The registered task called `name` (DataError listing the known ones otherwise)."""
-    if isinstance(name, Task):
-        return name
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
 
 
 def write_chat_jsonl(task: Task | str, path: str | Path, n: int, seed: int = 0, split: str = "train",
@@ -73,9 +48,6 @@ def prepare_cold_start(task: Task | str, out: str | Path, n: int, seed: int = 0,
     7 special tokens + 256 bytes, no merges), so every digit is its own token, which small models
     need to learn arithmetic; a larger `vocab_size` learns BPE merges from the traces.
     Returns {"jsonl", "tokenizer", "data"} paths."""
-    from ..data import prepare
-    from ..data.sources import training_texts
-    from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
     out = Path(out)
     jsonl = write_chat_jsonl(task, out / "cold_start.jsonl", n, seed=seed, difficulty=difficulty)
     tok = Tokenizer.train(training_texts([jsonl], "chat"), vocab_size or MIN_VOCAB_SIZE)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from .base import Problem, extract_answer, parse_integer, split_reply
+from .registry import get_task
 
 RewardFn = Callable[..., list[float]]
 
@@ -24,7 +25,6 @@ def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], problem:
     """1.0 when the task's checker accepts the completion, else 0.0. Uses the `problem` column (any
     task) or, without it, compares an `answer` column as an exact integer."""
     if problem is not None:
-        from . import get_task
         return [float(get_task(p.task).check(c, p)) for c, p in zip(completions, problem)]
     if answer is None:
         raise ConfigError("accuracy_reward needs a 'problem' or an 'answer' column")
