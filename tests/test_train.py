@@ -193,8 +193,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, m
     real = trainer.training_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, r):
-        loss, parts = real(model, batch, r)
+    def poisoned(model, batch, r, *rest):
+        loss, parts = real(model, batch, r, *rest)
         calls["n"] += 1
         return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
 
