@@ -221,6 +221,8 @@ class Algorithm:
     eval_key = ""  # a row with this key is logged whatever log_every says
     state: dict
     folder: RunFolder
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
     def step(self, step: int) -> dict:
         """One training step (step is the number of steps done before it); returns its metrics row.
