@@ -80,10 +80,10 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0  # MTP depth
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    # a field of DeepSeek's (and transformers' DeepseekV2) config.json, kept for the round trip: the
-    # weight of the sequence-wise balance loss the model was published with. It only sets the MoE layers'
-    # starting `aux_loss_alpha`; training takes it (and the bias update speed, the MTP loss weight) from
-    # the recipe, which sets it on the layers and never on this config.
+    # a field of DeepSeek's published config.json files (V2, V3), kept for the round trip: the weight of
+    # the sequence-wise balance loss. It only gives the MoE layers their starting `aux_loss_alpha`; a
+    # training run takes it (like the bias update speed and the MTP loss weight) from its recipe and sets
+    # it on the layers, never on this config.
     aux_loss_alpha: float = 0.0
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ One step:
         dr_grpo   (Dr.GRPO): sum over all tokens / (completions x max_new_tokens)
     beta = 0 loads no reference model.
 
-The run folder is a training run folder (train/common.py): checkpoints/ with model, optimizer, RNG and
+The run folder is a training run folder (train/loop.py): checkpoints/ with model, optimizer, RNG and
 state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel, sharded like training (FSDP2, plus
@@ -48,8 +48,8 @@ from ..errors import ConfigError
 from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
 from .common import build_optimizer, expert_loads, lr_at
-from .loop import (Algorithm, RunFolder, TrainingError, add_loads, check_finite, optimizer_step, run_loop,
-                   run_on_all_ranks, set_aux_loss_alpha)
+from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
+                   resolve_device, run_loop, run_on_all_ranks, set_aux_loss_alpha)
 from .recipe import RunRecipe, field_types, load_recipe_as, recipe_defaults
 
 LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
@@ -283,7 +283,6 @@ class GRPOTrainer(Algorithm):
     def __init__(self, recipe: GRPORecipe, parallel=None):
         from ..tasks import Rewards, get_task
         from ..tokenizer import Tokenizer
-        from .loop import SingleProcess, resolve_device
         self.recipe = recipe.validate()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
