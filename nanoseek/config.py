@@ -80,10 +80,11 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0  # MTP depth
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    # training-time balancing (DeepSeek-V3 report); not architectural but saved with the model
-    aux_loss_alpha: float = 0.0  # sequence-wise auxiliary loss weight
-    bias_update_speed: float = 0.0  # aux-loss-free balancing gamma
-    mtp_loss_weight: float = 0.3  # lambda
+    # a field of DeepSeek's published config.json files (V2, V3), kept for the round trip: the weight of
+    # the sequence-wise balance loss. It only gives the MoE layers their starting `aux_loss_alpha`; a
+    # training run takes it (like the bias update speed and the MTP loss weight) from its recipe and sets
+    # it on the layers, never on this config.
+    aux_loss_alpha: float = 0.0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -376,5 +377,5 @@ PRESETS: dict[str, dict] = {
                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                         v_head_dim=128, rope_scaling=dict(_V3_YARN), max_position_embeddings=163840,
                         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
-                        aux_loss_alpha=0.0001, bias_update_speed=0.001),
+                        aux_loss_alpha=0.0001),
 }

@@ -193,8 +193,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, m
     real = trainer.training_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, r):
-        loss, parts = real(model, batch, r)
+    def poisoned(model, batch, r, *rest):
+        loss, parts = real(model, batch, r, *rest)
         calls["n"] += 1
         return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
 
@@ -247,3 +247,35 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
     assert load_model(tmp_path / "compiled" / "model").config.num_hidden_layers > 0
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_the_config_stays_architecture(corpus, tmp_path):
+    """max_seconds (CPU time) stops the loop after a step, with a checkpoint; the recipe's training
+    knobs reach the MoE layers but never the model's config.json."""
+    run = tmp_path / "run"
+    summary = train(recipe(corpus, run, max_steps=50, max_seconds=1e-9, eval_every=0, aux_loss_alpha=0.01))
+    assert summary["step"] == 1 and summary["stopped_by"] == "max_seconds" and summary["interrupted"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]
+    assert json.loads((run / "checkpoints" / "step-0000001" / "trainer.json").read_text())["cpu_seconds"] > 0
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["aux_loss_alpha"] == 0.0 and "bias_update_speed" not in saved and "mtp_loss_weight" not in saved
+    assert "aux_loss" in losses_rows(run)[0]  # the layers did use the recipe's alpha
+
+
+def losses_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_single_process_stands_in_for_parallel():
+    """loop.SingleProcess has the interface of distributed.Parallel that the loops use, over one rank."""
+    from nanoseek.train.distributed import Parallel
+    from nanoseek.train.loop import SingleProcess
+    one = SingleProcess(torch.device("cpu"))
+    for name in ("all_reduce_sum", "mean_floats", "all_reduce_max", "all_gather_rows", "any", "barrier",
+                 "parallelize", "gather_model", "gather_optimizer", "shard_optimizer_state", "clip_grad_norm_",
+                 "close", "rank", "world_size", "is_main"):
+        assert hasattr(Parallel, name) and hasattr(one, name), name
+    t = torch.arange(3)
+    assert one.all_reduce_sum([t])[0] is t and one.mean_floats({"a": 0.5}) == {"a": 0.5}
+    assert one.any(True) and not one.any(False) and one.all_reduce_max(3) == 3.0
+    assert (one.rank, one.world_size, one.is_main) == (0, 1, True)

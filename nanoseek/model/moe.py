@@ -250,7 +250,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.aux_loss_alpha = config.aux_loss_alpha
+        self.aux_loss_alpha = config.aux_loss_alpha  # a training setting: trainers set it from their recipe
         self.gate = Gate(config)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -168,27 +167,22 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int, tokenizer_dir: str | None = None, *, parallel=None) -> Path:
+                    state: dict, keep_last: int, tokenizer_dir: str | None = None, *, parallel) -> Path:
     """checkpoints/step-NNNNNNN/{model/, optimizer.safetensors, trainer.json}, via a temp folder and a
     rename; then keep only the last `keep_last`.
 
-    parallel (a distributed.Parallel): every rank calls this; the full tensors are gathered to rank 0,
-    which writes the same files a single process would; the others wait for it."""
+    parallel (loop.SingleProcess or distributed.Parallel): every rank calls this; the full tensors are
+    gathered to rank 0, which writes the same files a single process would; the others wait for it."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
-    if parallel is None:
-        tensors, groups = _flatten_optimizer(optimizer)
-    else:
-        from .distributed import gather_model, gather_optimizer
-        tensors, groups = gather_optimizer(optimizer, model, parallel), _optimizer_groups(optimizer)
-        model = gather_model(model, parallel)  # a plain copy on rank 0, None elsewhere
-        if not parallel.is_main:
-            parallel.barrier()
-            return final
+    tensors, groups = parallel.gather_optimizer(optimizer, model), _optimizer_groups(optimizer)
+    model = parallel.gather_model(model)  # the model itself, or a plain copy on rank 0 (None elsewhere)
+    if not parallel.is_main:
+        parallel.barrier()
+        return final
     try:
         _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir)
     finally:
-        if parallel is not None:
-            parallel.barrier()
+        parallel.barrier()
     return final
 
 
@@ -213,7 +207,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel=None
+def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel
                     ) -> tuple[Transformer, torch.optim.Optimizer, dict]:
     """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint.
 
@@ -222,16 +216,11 @@ def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel=None
     for name in ("model", OPTIMIZER_FILE, STATE_FILE, "rng.safetensors"):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
-    model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
-    if parallel is not None:
-        from .distributed import parallelize
-        model = parallelize(model, parallel.mesh)
+    model = parallel.parallelize(load_model(ckpt / "model", device=device, dtype=torch.float32).train())
     optimizer = optimizer_for(model)
     state = json.loads((ckpt / STATE_FILE).read_text())
     tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
-    if parallel is not None:
-        from .distributed import shard_optimizer_state
-        tensors = shard_optimizer_state(optimizer, model, parallel, tensors)
+    tensors = parallel.shard_optimizer_state(optimizer, model, tensors)
     _restore_optimizer(optimizer, tensors, state["param_groups"])
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["rng.torch"])
@@ -240,14 +229,15 @@ def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel=None
     return model, optimizer, state
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Optimizer state as tensors keyed `state.{param index}.{name}` (optimizer.safetensors)."""
     sd = optimizer.state_dict()
     tensors = {}
     for idx, pstate in sd["state"].items():
         for key, value in pstate.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
-    return tensors, _optimizer_groups(optimizer)
+    return tensors
 
 
 def _optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -272,21 +262,3 @@ def copy_tokenizer(tokenizer_dir: str | Path, model_dir: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy2(src / name, model_dir / name)
-
-
-def run_on_all_ranks(run, device: str = "auto"):
-    """`run(parallel)` once per process: parallel is None in a single process; under torchrun
-    (WORLD_SIZE > 1) this joins the process group first (distributed.Parallel) and always leaves it."""
-    import os
-    import traceback
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return run(None)
-    from .distributed import Parallel
-    parallel = Parallel.init(device=device)
-    try:
-        return run(parallel)
-    except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # let close() free the model: the traceback's frames hold it
-        raise
-    finally:
-        parallel.close()

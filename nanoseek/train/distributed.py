@@ -2,7 +2,8 @@
 
 The model code knows nothing of this: `parallelize(model, mesh)` rewrites a built `Transformer` from
 outside, as torchtitan does. Under torchrun: `parallel = Parallel.init(ep=...)`, then
-`parallelize(model, parallel.mesh)`; `Parallel` also carries the helpers the trainer needs.
+`parallelize(model, parallel.mesh)`; `Parallel` also carries the helpers the training loops need (the
+interface of loop.SingleProcess, which stands in for it in a single process).
 
 Mesh: 2-D ("dp", "ep") of shape (W / ep, ep) over W processes. Every process is a data-parallel rank
 (it reads its own rows of the batch). Routed experts are split over the "ep" dimension: EP rank c owns
@@ -153,6 +154,25 @@ class Parallel:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    # -- the model and the optimizer (loop.SingleProcess has the same methods for one process) ---------
+    def parallelize(self, model: Transformer) -> Transformer:
+        return parallelize(model, self.mesh)
+
+    def gather_model(self, model: Transformer, device: str | torch.device = "cpu",
+                     everywhere: bool = False) -> Transformer | None:
+        return gather_model(model, self, device, everywhere)
+
+    def gather_optimizer(self, optimizer: torch.optim.Optimizer, model: Transformer
+                         ) -> dict[str, torch.Tensor] | None:
+        return gather_optimizer(optimizer, model, self)
+
+    def shard_optimizer_state(self, optimizer: torch.optim.Optimizer, model: Transformer,
+                              tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return shard_optimizer_state(optimizer, model, self, tensors)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self)
 
 
 # ---- expert parallelism --------------------------------------------------------------------------

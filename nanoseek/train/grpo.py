@@ -19,7 +19,7 @@ One step:
         dr_grpo   (Dr.GRPO): sum over all tokens / (completions x max_new_tokens)
     beta = 0 loads no reference model.
 
-The run folder is a training run folder (train/common.py): checkpoints/ with model, optimizer, RNG and
+The run folder is a training run folder (train/loop.py): checkpoints/ with model, optimizer, RNG and
 state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel, sharded like training (FSDP2, plus
@@ -34,44 +34,49 @@ rollouts, and with them the run, do not depend on the number of processes.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, save_model
-from ..errors import CheckpointError, ConfigError, NanoseekError
+from ..checkpoint import load_model
+from ..errors import ConfigError
 from ..model import Transformer
-from ..runio import MetricsLogger, pyplot, read_metrics, save_figure
-from .common import (build_optimizer, copy_tokenizer, expert_loads, latest_checkpoint,
-                     load_checkpoint, lr_at, run_on_all_ranks, save_checkpoint, update_routing_bias)
-from .recipe import field_types, load_recipe_as
+from ..runio import pyplot, read_metrics, save_figure
+from .common import build_optimizer, expert_loads, lr_at
+from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
+                   resolve_device, run_loop, run_on_all_ranks, set_aux_loss_alpha)
+from .recipe import RunRecipe, field_types, load_recipe_as, recipe_defaults
 
 LOSS_AGGREGATIONS = ("sequence", "token", "dr_grpo")
 STD_EPS = 1e-4
 
 
-class GRPOError(NanoseekError):
+class GRPOError(TrainingError):
     """The run cannot go on (non-finite loss, a resume that does not match); names the step or field."""
 
 
 @dataclass
-class GRPORecipe:
-    out: str = "runs/grpo"
-    init_from: str = ""  # the starting policy: an HF model folder (e.g. an SFT run's model/)
-    tokenizer: str | None = None  # default: the tokenizer files in init_from
+@recipe_defaults(out="runs/grpo", lr=1e-5, min_lr_ratio=1.0, warmup_steps=0, schedule="constant",
+                 weight_decay=0.0, beta2=0.99, bias_update_speed=0.0, eval_every=0)
+class GRPORecipe(RunRecipe):
+    """GRPO from init_from (an HF model folder, e.g. an SFT run's model/); the shared fields (AdamW and
+    schedule, bias_update_speed, max_seconds, logging, checkpoints) are RunRecipe's, with RL defaults.
+    tokenizer: default the tokenizer files in init_from. eval_every: greedy accuracy on eval_n held-out
+    problems every N steps (0: never)."""
+
+    WHAT: ClassVar[str] = "GRPO recipe"
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("init_from", "task", "difficulty", "seed", "prompts_per_step",
+                                              "group_size")
+
+    init_from: str = ""  # the starting policy
     task: str = "addition3"
     difficulty: int | None = None  # a fixed difficulty level of the task (default: its mix)
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # name|module:fn -> weight
-    seed: int = 0
-    max_steps: int = 100
-    max_seconds: float = 0.0  # also stop after this much CPU time of the process (0: no limit)
     # rollouts
     prompts_per_step: int = 16
     group_size: int = 8
@@ -89,69 +94,36 @@ class GRPORecipe:
     mask_truncated: bool = True
     filter_zero_std: bool = True
     micro_batch: int = 64  # completions per forward/backward
-    # AdamW and schedule (as in training; see train/common.py)
-    lr: float = 1e-5
-    min_lr_ratio: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    wsd_decay_fraction: float = 0.2
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    bias_update_speed: float = 0.0  # DeepSeek's routing-bias update from the completions' expert loads
-    # evaluation, logging, checkpoints
-    eval_every: int = 0  # greedy accuracy on eval_n held-out problems every N steps (0: never)
+    # evaluation
     eval_n: int = 200
     eval_split: str = "test"  # "train" monitors on train-split problems (a dev set) instead
-    log_every: int = 1
-    save_every: int = 50
-    keep_last: int = 2
-    resume: bool = False
-    device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True
 
     def validate(self, source: str | None = None) -> "GRPORecipe":
-        where = f" in {source}" if source else ""
-
-        def bad(name: str, why: str):
-            raise ConfigError(f"invalid GRPO recipe field '{name}'{where}: {why} (got {getattr(self, name)!r})")
-
         if not self.init_from:
-            bad("init_from", "the starting model folder is required")
+            self.bad("init_from", "the starting model folder is required", source)
         if self.loss_agg not in LOSS_AGGREGATIONS:
-            bad("loss_agg", f"must be one of {LOSS_AGGREGATIONS}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            bad("schedule", "must be one of ('cosine', 'wsd', 'constant')")
-        for name in ("max_steps", "prompts_per_step", "group_size", "mu", "micro_batch", "log_every",
-                     "keep_last", "eval_n"):
+            self.bad("loss_agg", f"must be one of {LOSS_AGGREGATIONS}", source)
+        super().validate(source)
+        for name in ("prompts_per_step", "group_size", "mu", "micro_batch", "eval_n"):
             if getattr(self, name) < 1:
-                bad(name, "must be at least 1")
+                self.bad(name, "must be at least 1", source)
         if self.group_size < 2:
-            bad("group_size", "must be at least 2 (advantages compare samples of one prompt)")
-        for name in ("max_new_tokens", "top_k", "warmup_steps", "save_every", "eval_every", "threads",
-                     "max_seconds", "temperature", "beta", "eps_low", "eps_high", "weight_decay", "grad_clip",
-                     "bias_update_speed"):
+            self.bad("group_size", "must be at least 2 (advantages compare samples of one prompt)", source)
+        for name in ("max_new_tokens", "top_k", "threads", "temperature", "beta", "eps_low", "eps_high"):
             if getattr(self, name) < 0:
-                bad(name, "must be non-negative")
+                self.bad(name, "must be non-negative", source)
         if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
+            self.bad("top_p", "must be in (0, 1]", source)
         if self.eps_low >= 1:
-            bad("eps_low", "must be below 1")
-        if not self.lr > 0:
-            bad("lr", "must be positive")
+            self.bad("eps_low", "must be below 1", source)
         if self.eval_split not in ("train", "test"):
-            bad("eval_split", "must be 'train' or 'test'")
+            self.bad("eval_split", "must be 'train' or 'test'", source)
         if self.temperature == 0:
-            bad("temperature", "must be positive (greedy rollouts give identical samples)")
+            self.bad("temperature", "must be positive (greedy rollouts give identical samples)", source)
         if not isinstance(self.rewards, dict) or not self.rewards:
-            bad("rewards", "must map reward names (or module:function) to weights")
+            self.bad("rewards", "must map reward names (or module:function) to weights", source)
         return self
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def grpo_recipe_fields() -> dict[str, Any]:
@@ -277,57 +249,71 @@ def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]],
 
 
 # ---- the trainer --------------------------------------------------------------------------------
-class GRPOTrainer:
+@dataclass
+class UpdateBatch:
+    """The completions one update learns from, packed for the forwards of this rank.
+
+    ids (B, T) prompt + completion rows, mask (B, T-1) completion targets, advantages (B,); chunks: one
+    slice of rows per micro-batch, None for a dead one (a rank with fewer micro-batches repeats row 0
+    with nothing counted, so that every rank runs the same collective forwards); num_seqs / num_tokens:
+    the loss denominators (of the global batch / W under data parallelism)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    chunks: list[slice | None]
+    num_seqs: float
+    num_tokens: float
+
+    def micro_batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, advantages) of micro-batch j; a dead one counts nothing."""
+        sl = self.chunks[j]
+        if sl is None:
+            return self.ids[:1], torch.zeros_like(self.mask[:1]), torch.zeros_like(self.advantages[:1])
+        return self.ids[sl], self.mask[sl], self.advantages[sl]
+
+
+class GRPOTrainer(Algorithm):
     """Holds the policy, the optional reference, the optimizer and the task; `run()` trains.
-    parallel (a distributed.Parallel): this process is one rank of a data-parallel run (see above)."""
+    parallel (loop.SingleProcess or distributed.Parallel): this process's place in the run (see above)."""
+
+    name = "grpo"
+    eval_key = "eval_accuracy"
 
     def __init__(self, recipe: GRPORecipe, parallel=None):
         from ..tasks import Rewards, get_task
         from ..tokenizer import Tokenizer
-        from .trainer import resolve_device
         self.recipe = recipe.validate()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
-        self.parallel = parallel
-        self.main = parallel is None or parallel.is_main
-        self.rank, self.world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+        parallel = parallel or SingleProcess(resolve_device(recipe.device))
+        self.parallel, self.rank, self.world = parallel, parallel.rank, parallel.world_size
         if recipe.prompts_per_step % self.world:
             raise ConfigError(f"invalid GRPO recipe field 'prompts_per_step': {recipe.prompts_per_step} prompts "
                               f"cannot be split evenly over {self.world} processes")
-        self.device = parallel.device if parallel is not None else resolve_device(recipe.device)
-        self.run_dir = Path(recipe.out)
+        self.device = parallel.device
         self.task = get_task(recipe.task)
         self.rewards = Rewards(dict(recipe.rewards))
-        tok_dir = recipe.tokenizer or recipe.init_from
-        self.tokenizer = Tokenizer.load(tok_dir)
-        self.tokenizer_dir = tok_dir
+        self.tokenizer_dir = recipe.tokenizer or recipe.init_from
+        self.tokenizer = Tokenizer.load(self.tokenizer_dir)
+        self.folder = RunFolder(recipe, parallel, self.tokenizer_dir, error=GRPOError)
+        self.run_dir = self.folder.dir
         self.state = {"step": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "rollout_tokens": 0, "update_tokens": 0}
-        existing = latest_checkpoint(self.run_dir)
-        if existing is not None and not recipe.resume:
-            raise CheckpointError(f"{self.run_dir} already holds checkpoints: pass resume=true to continue that "
-                                  "run, or choose another out folder")
-        ckpt = existing if recipe.resume else None
-        if ckpt is not None:
-            self.model, self.optimizer, saved = load_checkpoint(ckpt, lambda m: build_optimizer(m, recipe),
-                                                                self.device, parallel=parallel)
-            self._check_resume(saved, ckpt)
+        if self.folder.resumed_from is not None:
+            self.model, self.optimizer, saved = self.folder.load(lambda m: build_optimizer(m, recipe), self.device)
             self.state.update({k: saved[k] for k in self.state if k in saved})
         else:
-            self.model = load_model(recipe.init_from, device=self.device, dtype=torch.float32).train()
-            if parallel is not None:
-                from .distributed import parallelize
-                self.model = parallelize(self.model, parallel.mesh)
+            self.model = parallel.parallelize(load_model(recipe.init_from, device=self.device,
+                                                         dtype=torch.float32).train())
             self.optimizer = build_optimizer(self.model, recipe)
-        self.resumed_from = ckpt
-        for moe in self.model.moe_layers():
-            moe.aux_loss_alpha = 0.0  # no balance loss in RL; the bias update is optional
+        set_aux_loss_alpha(self.model, 0.0)  # no balance loss in RL; the bias update is optional
         self.reference = None
         if recipe.beta > 0:  # a full copy on every rank: it only runs forwards, free of collectives
             self.reference = load_model(recipe.init_from, device=self.device, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
         if self.model.config.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"the model's vocab_size {self.model.config.vocab_size} is below the tokenizer's "
-                              f"{self.tokenizer.vocab_size} ({tok_dir})")
+                              f"{self.tokenizer.vocab_size} ({self.tokenizer_dir})")
         self.max_new_tokens = recipe.max_new_tokens or self._default_max_new_tokens()
         self.eval_problems = None
 
@@ -338,25 +324,23 @@ class GRPOTrainer:
         problems = [self.task.sample(rng, "train", self.recipe.difficulty) for _ in range(64)]
         return default_max_new_tokens(self.task, self.tokenizer, problems)
 
-    def _check_resume(self, saved: dict, ckpt: Path) -> None:
-        keep = saved.get("recipe", {})
-        for key in RESUME_KEYS:
-            if key in keep and keep[key] != getattr(self.recipe, key):
-                raise GRPOError(f"cannot resume from {ckpt}: recipe field '{key}' was {keep[key]!r} there "
-                                f"and is {getattr(self.recipe, key)!r} now")
-        if saved["step"] >= self.recipe.max_steps:
-            raise GRPOError(f"{ckpt} is already at step {saved['step']} >= max_steps {self.recipe.max_steps}; "
-                            "raise max_steps to continue")
-
     def _policy(self) -> Transformer:
         """The model to sample from: the policy itself, or under data parallelism a full copy gathered
         from the shards (a collective)."""
-        if self.parallel is None:
-            return self.model
-        from .distributed import gather_model
-        return gather_model(self.model, self.parallel, device=self.device, everywhere=True)
+        return self.parallel.gather_model(self.model, device=self.device, everywhere=True)
 
     # -- one step -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train from the current step to max_steps (or a stop); returns the summary."""
+        return run_loop(self)
+
+    def step(self, step: int) -> dict:
+        """Rollouts, then the update on them."""
+        ro = self.rollout(step)
+        row = self.step_metrics(ro)
+        row.update(self.update(ro, step))
+        return row
+
     def rollout(self, step: int) -> Rollouts:
         """This rank's share of the step's prompts, G samples each (all of them in one process)."""
         from .. import infer
@@ -388,7 +372,25 @@ class GRPOTrainer:
                         seconds)
 
     def update(self, ro: Rollouts, step: int) -> dict:
-        r, parallel = self.recipe, self.parallel
+        """mu optimizer steps on the kept completions of the rollouts; returns the update's statistics."""
+        advantages, zero_std, kept = self._select(ro)
+        batch = self._pack(ro, kept, advantages)
+        stats = {"zero_std_frac": zero_std.float().mean().item(), "kept_seqs": len(kept)}
+        batch, stats = self._global_denominators(batch, stats)
+        if stats["kept_seqs"] == 0:
+            return stats | {"skipped_update": 1}
+        old, ref = self._fixed_logprobs(batch)
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.recipe)
+        loss_sum, grad_norm, totals = self._optimize(batch, old, ref, lr)
+        seconds = time.perf_counter() - t0
+        forwarded = int(batch.mask.shape[0] * batch.ids.shape[1]) * self.recipe.mu if kept else 0
+        return stats | self._update_statistics(loss_sum, grad_norm, lr, totals, forwarded, seconds)
+
+    def _select(self, ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Group advantages (N*G,), the zero-std groups (N,) and the indices of the completions that
+        count: not in a zero-std group (filter_zero_std), not truncated (mask_truncated), not empty."""
+        r = self.recipe
         adv, zero_std = group_advantages(ro.rewards, r.group_size, r.scale_rewards)
         keep = torch.ones(len(adv), dtype=torch.bool)
         if r.filter_zero_std:
@@ -396,96 +398,91 @@ class GRPOTrainer:
         if r.mask_truncated:
             keep &= ~torch.tensor(ro.truncated)
         keep &= torch.tensor([len(c) > 0 for c in ro.completion_ids])
-        idx = keep.nonzero().flatten().tolist()
-        ids, mask = pack_sequences([ro.prompt_ids[i] for i in idx or [0]],
-                                   [ro.completion_ids[i] for i in idx or [0]], self.tokenizer.pad_id)
-        if not idx:  # nothing to learn from here; a row that counts for nothing keeps the ranks in step
+        return adv, zero_std, keep.nonzero().flatten().tolist()
+
+    def _pack(self, ro: Rollouts, kept: list[int], advantages: torch.Tensor) -> UpdateBatch:
+        """The kept completions as padded rows in micro-batches of micro_batch, with this rank's own
+        denominators. None kept: one row that counts for nothing (keeps the ranks in step)."""
+        rows = kept or [0]
+        ids, mask = pack_sequences([ro.prompt_ids[i] for i in rows], [ro.completion_ids[i] for i in rows],
+                                   self.tokenizer.pad_id)
+        if not kept:
             mask.zero_()
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        adv = adv[idx].to(self.device) if idx else torch.zeros(1, device=self.device)
-        num_seqs, num_tokens = float(len(idx)), float(mask.sum())
-        chunks = [slice(s, s + r.micro_batch) for s in range(0, ids.shape[0], r.micro_batch)]
-        stats = {"zero_std_frac": zero_std.float().mean().item(), "kept_seqs": len(idx)}
-        if parallel is not None:
-            # global denominators / W: FSDP averages the gradients over the W ranks. Every rank runs the
-            # same number of (collective) forwards: ranks with fewer micro-batches repeat a dead one
-            counts = parallel.all_reduce_sum([torch.tensor([num_seqs, num_tokens, len(chunks)],
-                                                           dtype=torch.float64)])[0]
-            stats["kept_seqs"] = int(counts[0])
-            stats["zero_std_frac"] = parallel.mean_floats({"z": stats["zero_std_frac"]})["z"]  # equal group counts
-            num_seqs, num_tokens = float(counts[0]) / self.world, float(counts[1]) / self.world
-            most = int(parallel.all_reduce_max(len(chunks)))
-            chunks += [None] * (most - len(chunks))
-        if stats["kept_seqs"] == 0:
-            return stats | {"skipped_update": 1}
-        old, ref = self._fixed_logprobs(ids, chunks)
-        t0 = time.perf_counter()
+        adv = advantages[kept].to(self.device) if kept else torch.zeros(1, device=self.device)
+        n = self.recipe.micro_batch
+        chunks = [slice(s, s + n) for s in range(0, ids.shape[0], n)]
+        return UpdateBatch(ids.to(self.device), mask.to(self.device), adv, chunks, float(len(kept)),
+                           float(mask.sum()))
+
+    def _global_denominators(self, batch: UpdateBatch, stats: dict) -> tuple[UpdateBatch, dict]:
+        """Counts over all ranks: the denominators become global count / W (FSDP averages the gradients
+        over the W ranks), kept_seqs the global count; every rank gets as many micro-batches as the
+        busiest one (dead ones pad the others)."""
+        parallel = self.parallel
+        counts = parallel.all_reduce_sum([torch.tensor([batch.num_seqs, batch.num_tokens, len(batch.chunks)],
+                                                       dtype=torch.float64)])[0]
+        stats = stats | {"kept_seqs": int(counts[0]),
+                         "zero_std_frac": parallel.mean_floats({"z": stats["zero_std_frac"]})["z"]}  # equal groups
+        most = int(parallel.all_reduce_max(len(batch.chunks)))
+        batch = dataclasses.replace(batch, num_seqs=float(counts[0]) / self.world,
+                                    num_tokens=float(counts[1]) / self.world,
+                                    chunks=batch.chunks + [None] * (most - len(batch.chunks)))
+        return batch, stats
+
+    def _optimize(self, batch: UpdateBatch, old: list | None, ref: list | None, lr: float
+                  ) -> tuple[float, float, dict[str, float]]:
+        """The mu loop: mu optimizer steps on the same batch, each over all its micro-batches (old, ref:
+        see _fixed_logprobs). Returns the first iteration's loss, gradient norm and summed statistics."""
+        r = self.recipe
         totals = {"clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0}
-        loss_sum, grad_norm, lr = 0.0, 0.0, lr_at(step, r)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        loss_sum, grad_norm = 0.0, 0.0
         for it in range(r.mu):
             loads = None
-            for j, sl in enumerate(chunks):
-                live = sl is not None
-                sl = sl if live else slice(0, 1)
-                m = mask[sl] if live else torch.zeros_like(mask[sl])
-                logp, entropy = completion_logprobs(self.model, ids[sl], r.temperature, with_entropy=it == 0)
-                old_logp = old[j] if old is not None else logp.detach()
-                loss, s = grpo_loss(logp, old_logp, adv[sl] if live else torch.zeros_like(adv[sl]), m,
+            for j, live in enumerate(sl is not None for sl in batch.chunks):
+                ids, mask, adv = batch.micro_batch(j)
+                logp, entropy = completion_logprobs(self.model, ids, r.temperature, with_entropy=it == 0)
+                loss, s = grpo_loss(logp, old[j] if old is not None else logp.detach(), adv, mask,
                                     ref_logp=ref[j] if ref is not None else None, beta=r.beta, eps_low=r.eps_low,
                                     eps_high=r.eps_high, loss_agg=r.loss_agg, max_len=self.max_new_tokens,
-                                    num_seqs=num_seqs, num_tokens=num_tokens)
-                finite = math.isfinite(loss.item())
-                if parallel is not None:
-                    finite = not parallel.any(not finite)
-                if not finite:
-                    raise GRPOError(f"non-finite GRPO loss at step {step + 1}; the last checkpoint is intact: "
-                                    "lower lr and resume")
+                                    num_seqs=batch.num_seqs, num_tokens=batch.num_tokens)
+                check_finite(loss.item(), self.parallel)
                 loss.backward()
                 if it == 0:
                     loss_sum += loss.item()
                     for key in ("clipped_tokens", "tokens", "ratio_sum", "kl_sum"):
                         totals[key] += float(s.get(key, 0.0))
-                    totals["entropy_sum"] += float((entropy * m).sum())
+                    totals["entropy_sum"] += float((entropy * mask).sum())
                 step_loads = expert_loads(self.model)
-                if not live:
-                    step_loads = [torch.zeros_like(x) for x in step_loads]
-                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-            if parallel is None:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
-            else:
-                from .distributed import clip_grad_norm_
-                norm = clip_grad_norm_(self.model, r.grad_clip or float("inf"), parallel)
-                loads = parallel.all_reduce_sum(loads or [])
-            grad_norm = norm.item() if it == 0 else grad_norm
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            update_routing_bias(self.model, loads or [], r.bias_update_speed)
-        seconds = time.perf_counter() - t0
-        forwarded = int(mask.shape[0] * ids.shape[1]) * r.mu if idx else 0
-        if parallel is not None:
-            summed = parallel.all_reduce_sum([torch.tensor([totals[k] for k in sorted(totals)] + [forwarded],
-                                                           dtype=torch.float64)])[0].tolist()
-            totals, forwarded = dict(zip(sorted(totals), summed[:-1])), int(summed[-1])
-            loss_sum = parallel.mean_floats({"loss": loss_sum})["loss"]  # each rank divided by count / W
+                loads = add_loads(loads, step_loads if live else [torch.zeros_like(x) for x in step_loads])
+            norm, _ = optimizer_step(self.model, self.optimizer, loads or [], lr, r, self.parallel)
+            grad_norm = norm if it == 0 else grad_norm
+        return loss_sum, grad_norm, totals
+
+    def _update_statistics(self, loss_sum: float, grad_norm: float, lr: float, totals: dict[str, float],
+                           forwarded: int, seconds: float) -> dict:
+        """The update's row: loss, gradient norm, lr and per-token means over all ranks."""
+        parallel = self.parallel
+        summed = parallel.all_reduce_sum([torch.tensor([totals[k] for k in sorted(totals)] + [forwarded],
+                                                       dtype=torch.float64)])[0].tolist()
+        totals, forwarded = dict(zip(sorted(totals), summed[:-1])), int(summed[-1])
+        loss_sum = parallel.mean_floats({"loss": loss_sum})["loss"]  # each rank divided by count / W
         tokens = max(totals["tokens"], 1.0)
-        stats.update(loss=loss_sum, grad_norm=grad_norm, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
+        stats = dict(loss=loss_sum, grad_norm=grad_norm, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
                      ratio=totals["ratio_sum"] / tokens, entropy=totals["entropy_sum"] / tokens,
                      update_tokens=forwarded, update_tokens_per_s=forwarded / max(seconds, 1e-9),
                      update_seconds=seconds)
-        if ref is not None:
+        if self.reference is not None:
             stats["kl"] = totals["kl_sum"] / tokens
         return stats
 
     @torch.no_grad()
-    def _fixed_logprobs(self, ids: torch.Tensor, chunks) -> tuple[list | None, list | None]:
+    def _fixed_logprobs(self, batch: UpdateBatch) -> tuple[list | None, list | None]:
         """Log-probs, per micro-batch, of the sampling policy (needed when mu > 1) and of the
-        reference (beta > 0). A dead micro-batch (None) is row 0 again."""
+        reference (beta > 0). A dead micro-batch is row 0 again."""
         r = self.recipe
-        parts = [sl if sl is not None else slice(0, 1) for sl in chunks]
-        old = [completion_logprobs(self.model, ids[sl], r.temperature)[0] for sl in parts] if r.mu > 1 else None
-        ref = [completion_logprobs(self.reference, ids[sl], r.temperature)[0] for sl in parts] \
+        rows = [batch.micro_batch(j)[0] for j in range(len(batch.chunks))]
+        old = [completion_logprobs(self.model, ids, r.temperature)[0] for ids in rows] if r.mu > 1 else None
+        ref = [completion_logprobs(self.reference, ids, r.temperature)[0] for ids in rows] \
             if self.reference is not None else None
         return old, ref
 
@@ -496,11 +493,8 @@ class GRPOTrainer:
         names = sorted(ro.parts)
         columns = [ro.rewards.double(), lengths, truncated] + [torch.tensor(ro.parts[n], dtype=torch.float64)
                                                                 for n in names]
-        table = torch.stack(columns, dim=1)
-        seconds = ro.seconds
-        if self.parallel is not None:
-            table = self.parallel.all_gather_rows(table)
-            seconds = self.parallel.all_reduce_max(seconds)  # the step waits for the slowest rank
+        table = self.parallel.all_gather_rows(torch.stack(columns, dim=1))
+        seconds = self.parallel.all_reduce_max(ro.seconds)  # the step waits for the slowest rank
         rewards, lengths, truncated = table[:, 0], table[:, 1], table[:, 2]
         G = self.recipe.group_size
         row = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -529,108 +523,42 @@ class GRPOTrainer:
             outs = generate_batches(policy, prompt_ids(self.tokenizer, mine), max_new_tokens=self.max_new_tokens,
                                     temperature=0.0, top_p=1.0, seed=0, eos_id=self.tokenizer.eos_id, batch_size=128)
             correct = float(sum(self.task.check(self.tokenizer.decode(o), p) for o, p in zip(outs, mine)))
-        if self.parallel is not None:
-            correct = self.parallel.all_reduce_sum([torch.tensor([correct], dtype=torch.float64)])[0].item()
+        correct = self.parallel.all_reduce_sum([torch.tensor([correct], dtype=torch.float64)])[0].item()
         self.model.train()
         return correct / len(self.eval_problems)
 
-    def _stop(self, signalled: bool) -> str | None:
-        """Why to stop before the next step (the same answer on every rank), or None."""
-        r, st = self.recipe, self.state
-        out_of_time = bool(r.max_seconds) and st["cpu_seconds"] >= r.max_seconds
-        if self.parallel is not None:
-            signalled, out_of_time = self.parallel.any(signalled), self.parallel.any(out_of_time)
-        return "signal" if signalled else "max_seconds" if out_of_time else None
+    # -- the loop's hooks -----------------------------------------------------------------------
+    def _eval_due(self, step: int) -> bool:
+        r = self.recipe
+        return bool(r.eval_every) and (step % r.eval_every == 0 or step == r.max_steps)
 
-    # -- the loop -----------------------------------------------------------------------------
-    def run(self) -> dict:
-        from tqdm import tqdm
-        from .trainer import _StopRequest
-        r, main = self.recipe, self.main
-        logger = None
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.json").write_text(json.dumps(r.as_dict(), indent=2))
-            logger = MetricsLogger(self.run_dir, resume_step=self.state["step"] if self.resumed_from else None)
-            if self.resumed_from is None:
-                logger.path.write_text("")
+    def first_row(self) -> dict:
+        return {"eval_accuracy": self.evaluate()} if self._eval_due(0) else {}
+
+    def finish_row(self, row: dict, seconds: float) -> None:
         st = self.state
-        step = st["step"]
-        bar = tqdm(total=r.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True,
-                   disable=not (r.progress and main))
-        last_saved = step if self.resumed_from is not None else -1
-        stopped_by = None
-        try:
-            with _StopRequest() as stop:
-                if r.eval_every and step == 0:
-                    accuracy = self.evaluate()
-                    if main:
-                        logger.log({"step": 0, "eval_accuracy": accuracy})
-                while step < r.max_steps:
-                    stopped_by = self._stop(stop.signal is not None)
-                    if stopped_by is not None:
-                        break
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    ro = self.rollout(step)
-                    row = self.step_metrics(ro)
-                    row.update(self.update(ro, step))
-                    step += 1
-                    st["step"] = step
-                    st["wall_seconds"] += time.perf_counter() - t0
-                    st["cpu_seconds"] += time.process_time() - c0
-                    st["rollout_tokens"] += row["rollout_tokens"]
-                    st["update_tokens"] += row.get("update_tokens", 0)
-                    row.update(step=step, step_seconds=time.perf_counter() - t0, wall_seconds=st["wall_seconds"],
-                               cpu_seconds=st["cpu_seconds"])
-                    if r.eval_every and (step % r.eval_every == 0 or step == r.max_steps):
-                        row["eval_accuracy"] = self.evaluate()
-                    if main and (step % r.log_every == 0 or "eval_accuracy" in row):
-                        logger.log({k: v for k, v in row.items()})
-                    bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}",
-                                    len=f"{row['completion_len']:.0f}")
-                    bar.update(1)
-                    if r.save_every and step % r.save_every == 0:
-                        self.save(step)
-                        last_saved = step
-                if last_saved != step:
-                    self.save(step)
-        finally:
-            bar.close()
-            if logger is not None:
-                logger.close()
-        self._publish()
-        summary = {"step": step, "stopped_by": stopped_by, "model": str(self.run_dir / "model"),
-                   **{k: st[k] for k in ("wall_seconds", "cpu_seconds", "rollout_tokens", "update_tokens")}}
-        if main:
-            plot_grpo(self.run_dir)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        st["rollout_tokens"] += row["rollout_tokens"]
+        st["update_tokens"] += row.get("update_tokens", 0)
+        row.update(step_seconds=seconds, wall_seconds=st["wall_seconds"], cpu_seconds=st["cpu_seconds"])
+        if self._eval_due(row["step"]):
+            row["eval_accuracy"] = self.evaluate()
 
-    def _publish(self) -> None:
-        """model/: the HF-format model and the tokenizer (gathered from the shards, written by rank 0)."""
-        model = self.model
-        if self.parallel is not None:
-            from .distributed import gather_model
-            model = gather_model(self.model, self.parallel)
-        if self.main:
-            save_model(model, self.run_dir / "model")
-            copy_tokenizer(self.tokenizer_dir, self.run_dir / "model")
-        if self.parallel is not None:
-            self.parallel.barrier()
+    def postfix(self, row: dict) -> dict:
+        return dict(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}",
+                    len=f"{row['completion_len']:.0f}")
 
-    def save(self, step: int) -> None:
-        state = {**self.state, "recipe": {k: getattr(self.recipe, k) for k in RESUME_KEYS}}
-        save_checkpoint(self.run_dir, step, self.model, self.optimizer, state, self.recipe.keep_last,
-                        self.tokenizer_dir, parallel=self.parallel)
+    def summary(self, stopped_by: str | None) -> dict:
+        st = self.state
+        return {"step": st["step"], "stopped_by": stopped_by, "model": str(self.run_dir / "model"),
+                **{k: st[k] for k in ("wall_seconds", "cpu_seconds", "rollout_tokens", "update_tokens")}}
+
+    def plot(self) -> None:
+        plot_grpo(self.run_dir)
 
 
 def group_seed(seed: int, step: int, prompt: int) -> int:
     """The sampling seed of one group: prompt `prompt` (its index in the step's global prompt list)."""
     return (seed * 1_000_003 + step) * 1_000_033 + prompt & 0x7FFF_FFFF_FFFF_FFFF
-
-
-# fields that must not change between a run and its resumption
-RESUME_KEYS = ("init_from", "task", "difficulty", "seed", "prompts_per_step", "group_size")
 
 
 def grpo(recipe: GRPORecipe) -> dict:

@@ -1,4 +1,4 @@
-"""Training recipes: one flat dataclass, read from TOML or YAML, every field overridable by name.
+"""Training recipes: flat dataclasses on one base (RunRecipe), read from TOML or YAML, every field overridable by name.
 
     out = "runs/shakespeare"       # run folder
     data = "data/shakespeare"      # a folder written by `nanoseek data prepare`
@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
@@ -25,22 +25,19 @@ SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
-class TrainRecipe:
-    out: str = "runs/run"
-    data: str = ""
-    mode: str = "pretrain"  # sft: whole examples per row, attention kept inside each example
-    # model: exactly one of preset / config / init_from (init_from loads weights, e.g. for SFT)
-    preset: str | None = None
-    config: str | None = None
-    init_from: str | None = None
-    model: dict = field(default_factory=dict)  # ModelConfig overrides (new models only)
-    tokenizer: str | None = None  # copied into the model folder; used for samples
+class RunRecipe:
+    """The fields every training run shares: the run folder, AdamW and its schedule, DeepSeek's bias
+    update, the loop's stopping, logging and checkpoint settings. The recipes derive from it and change
+    defaults with `recipe_defaults`; `validate` checks these fields, the recipes' own check theirs."""
+
+    WHAT: ClassVar[str] = "recipe"  # how errors name the recipe
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ()  # fields a resumed run must keep (data order and math depend on them)
+
+    out: str = "runs/run"  # run folder
+    tokenizer: str | None = None  # copied into the model folder
     seed: int = 0
-    # batch: batch_size x seq_len tokens per micro-batch, grad_accum micro-batches per step
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
     max_steps: int = 100
+    max_seconds: float = 0.0  # also stop after this much CPU time of the process (0: no limit)
     # AdamW and schedule
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -52,61 +49,101 @@ class TrainRecipe:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    # DeepSeek balancing and MTP (0 switches each off)
-    bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
-    aux_loss_alpha: float = 0.0001  # sequence-wise auxiliary loss
-    mtp_loss_weight: float = 0.3  # lambda
-    # evaluation, samples, logging, checkpoints
+    bias_update_speed: float = 0.001  # gamma of DeepSeek's aux-loss-free routing-bias update (0: off)
+    # evaluation, logging, checkpoints
     eval_every: int = 50
-    eval_batches: int = 8
-    sample_every: int = 0
-    sample_prompt: str = ""
-    sample_tokens: int = 48
     log_every: int = 1
     save_every: int = 50
     keep_last: int = 2
     resume: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
-    compile: bool = False  # torch.compile the model (routed experts stay eager); no gain measured on CPU
-    usd_per_hour: float = 2.0
     progress: bool = True
 
-    def validate(self, source: str | None = None) -> "TrainRecipe":
+    def bad(self, name: str, why: str, source: str | None = None):
         where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid {self.WHAT} field '{name}'{where}: {why} (got {getattr(self, name)!r})")
 
-        def bad(name: str, why: str):
-            raise ConfigError(f"invalid recipe field '{name}'{where}: {why} (got {getattr(self, name)!r})")
-
-        if self.mode not in MODES:
-            bad("mode", f"must be one of {MODES}")
+    def validate(self, source: str | None = None):
         if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {SCHEDULES}")
-        sources = [n for n in ("preset", "config", "init_from") if getattr(self, n)]
-        if len(sources) != 1:
-            raise ConfigError(f"recipe{where} must set exactly one of preset, config, init_from "
-                              f"(got {sources or 'none'})")
-        if not self.data:
-            bad("data", "a prepared data folder is required")
-        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "keep_last",
-                     "eval_batches"):
+            self.bad("schedule", f"must be one of {SCHEDULES}", source)
+        for name in ("max_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
-                bad(name, "must be at least 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "sample_every", "sample_tokens"):
+                self.bad(name, "must be at least 1", source)
+        for name in ("max_seconds", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
+                     "bias_update_speed"):
             if getattr(self, name) < 0:
-                bad(name, "must be non-negative")
+                self.bad(name, "must be non-negative", source)
         if not self.lr > 0:
-            bad("lr", "must be positive")
+            self.bad("lr", "must be positive", source)
         for name in ("min_lr_ratio", "wsd_decay_fraction", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
-                bad(name, "must be in [0, 1]")
-        for name in ("weight_decay", "grad_clip", "bias_update_speed", "aux_loss_alpha", "mtp_loss_weight",
-                     "usd_per_hour"):
-            if getattr(self, name) < 0:
-                bad(name, "must be non-negative")
+                self.bad(name, "must be in [0, 1]", source)
         return self
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def recipe_defaults(**defaults):
+    """Class decorator, under @dataclass: other defaults for fields a recipe inherits from RunRecipe
+    (the fields keep their place and type)."""
+    def apply(cls):
+        inherited = {f.name: f for f in dataclasses.fields(cls)}  # the base's: cls is no dataclass yet
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, value in defaults.items():
+            annotations[name] = inherited[name].type
+            setattr(cls, name, value)
+        cls.__annotations__ = {**{n: annotations[n] for n in defaults}, **annotations}
+        return cls
+    return apply
+
+
+@dataclass
+class TrainRecipe(RunRecipe):
+    """Pretraining or SFT of a new model (preset / config) or of init_from's weights."""
+
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("data", "mode", "seed", "batch_size", "seq_len", "grad_accum")
+
+    data: str = ""
+    mode: str = "pretrain"  # sft: whole examples per row, attention kept inside each example
+    # model: exactly one of preset / config / init_from (init_from loads weights, e.g. for SFT)
+    preset: str | None = None
+    config: str | None = None
+    init_from: str | None = None
+    model: dict = field(default_factory=dict)  # ModelConfig overrides (new models only)
+    # batch: batch_size x seq_len tokens per micro-batch, grad_accum micro-batches per step
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    # DeepSeek's losses besides the bias update (0 switches each off)
+    aux_loss_alpha: float = 0.0001  # sequence-wise auxiliary loss
+    mtp_loss_weight: float = 0.3  # lambda
+    # evaluation and samples
+    eval_batches: int = 8
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 48
+    compile: bool = False  # torch.compile the model (routed experts stay eager); no gain measured on CPU
+    usd_per_hour: float = 2.0
+
+    def validate(self, source: str | None = None) -> "TrainRecipe":
+        if self.mode not in MODES:
+            self.bad("mode", f"must be one of {MODES}", source)
+        super().validate(source)
+        sources = [n for n in ("preset", "config", "init_from") if getattr(self, n)]
+        if len(sources) != 1:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"recipe{where} must set exactly one of preset, config, init_from "
+                              f"(got {sources or 'none'})")
+        if not self.data:
+            self.bad("data", "a prepared data folder is required", source)
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                self.bad(name, "must be at least 1", source)
+        for name in ("sample_every", "sample_tokens", "aux_loss_alpha", "mtp_loss_weight", "usd_per_hour"):
+            if getattr(self, name) < 0:
+                self.bad(name, "must be non-negative", source)
+        return self
 
 
 def field_types(cls) -> dict[str, Any]:
