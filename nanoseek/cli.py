@@ -112,6 +112,12 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:g}{unit}" if isinstance(n, float) else f"{n}{unit}"
 
 
+def how_run_ended(summary: dict) -> str:
+    """'finished at', 'stopped by a signal at' or 'reached max_seconds at' for a run loop's summary."""
+    return {"signal": "stopped by a signal at", "max_seconds": "reached max_seconds at"}.get(
+        summary.get("stopped_by"), "finished at")
+
+
 def human_bytes(n: float) -> str:
     """Bytes in binary units: 70272 -> '68.6 KiB'."""
     for factor, suffix in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):

@@ -162,3 +162,16 @@ def test_usage_errors_are_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert_one_line_error(exc.value.code, capsys.readouterr().err, needle)
+
+
+@pytest.mark.parametrize("stopped_by, words", [(None, "finished at"), ("signal", "stopped by a signal at"),
+                                               ("max_seconds", "reached max_seconds at")])
+def test_train_says_how_the_run_ended(monkeypatch, capsys, stopped_by, words):
+    """`nanoseek train` reports a max_seconds stop as such, not as a signal (the summary's stopped_by)."""
+    import nanoseek.commands.train as train_command
+    summary = {"step": 7, "tokens": 1234, "wall_seconds": 3.0, "model": "m", "cost": "c",
+               "stopped_by": stopped_by, "interrupted": stopped_by is not None}
+    monkeypatch.setattr(train_command, "load_recipe", lambda path, overrides: None)
+    monkeypatch.setattr(train_command, "train", lambda recipe: summary)
+    assert main(["train", "--max-steps", "7"]) == 0
+    assert capsys.readouterr().out.startswith(f"{words} step 7 (1,234 tokens")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model_and_tokenizer
-from ..cli import EXIT_OK, add_recipe_arguments, command, recipe_overrides
+from ..cli import EXIT_OK, add_recipe_arguments, command, how_run_ended, recipe_overrides
 from ..errors import ConfigError
 from ..eval import markdown_table, summary_line, write_eval
 from ..eval.tasks import evaluate_task
@@ -71,9 +71,7 @@ def _grpo_arguments(parser: argparse.ArgumentParser) -> None:
          _grpo_arguments)
 def cmd_grpo(args: argparse.Namespace) -> int:
     summary = grpo(load_grpo_recipe(args.recipe, recipe_overrides(args)))
-    how = {"signal": "stopped by a signal at", "max_seconds": "reached max_seconds at"}.get(summary["stopped_by"],
-                                                                                              "finished at")
-    print(f"{how} step {summary['step']} ({summary['rollout_tokens']:,} rollout tokens, "
+    print(f"{how_run_ended(summary)} step {summary['step']} ({summary['rollout_tokens']:,} rollout tokens, "
           f"{summary['wall_seconds']:.0f}s)")
     print(f"model: {summary['model']}")
     return EXIT_OK

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import EXIT_OK, add_model_source, add_recipe_arguments, command, load_config, recipe_overrides
+from ..cli import (EXIT_OK, add_model_source, add_recipe_arguments, command, how_run_ended, load_config,
+                   recipe_overrides)
 from ..cost import DEFAULT_MFU, GPUS, PUBLISHED, estimate, format_cost_table
 from ..train import load_recipe, train
 from ..train.recipe import recipe_fields
@@ -21,8 +22,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, recipe_overrides(args))
     summary = train(recipe)
-    state = "stopped by a signal at" if summary["interrupted"] else "finished at"
-    print(f"{state} step {summary['step']} ({summary['tokens']:,} tokens, {summary['wall_seconds']:.0f}s)")
+    print(f"{how_run_ended(summary)} step {summary['step']} ({summary['tokens']:,} tokens, {summary['wall_seconds']:.0f}s)")
     print(f"model: {summary['model']}\ncost:  {summary['cost']}")
     return EXIT_OK
 
