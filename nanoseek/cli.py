@@ -415,7 +415,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 # Commands of other areas live beside their code and register themselves with @command on import.
 COMMAND_MODULES = ("nanoseek.commands.infer", "nanoseek.commands.rl", "nanoseek.commands.dist",
-                   "nanoseek.commands.report")
+                   "nanoseek.commands.report", "nanoseek.commands.export")
 
 
 def _load_command_modules() -> None:
