@@ -2,7 +2,8 @@
 tokenization and speed.
 
 For bench-8m and bench-192m (random weights, three seeds), variants of bench-8m (V2-style routing with
-no q LoRA and tied embeddings; YaRN with mscale != mscale_all_dim) and a trained demo model:
+no q LoRA and tied embeddings; YaRN with mscale != mscale_all_dim; all layers dense) and a trained demo
+model:
 - greedy agreement: 64 new tokens after a 32-token prompt (llama.cpp with flash attention off and an
   f32 KV cache: its flash attention rounds K/V to f16, which flips near-ties of random weights);
 - the largest |logit difference| at the first step;
@@ -56,11 +57,12 @@ def worker() -> None:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     default_params = lib.llama_model_default_params
-    state = {"llm": None, "extra_bufts": True}
+    state = {"llm": None, "extra_bufts": True, "load_mtp": False}
 
-    def model_params():  # llama-cpp-python has no argument for it; q8_0 MLA crashes on AMX with it on
-        p = default_params()
+    def model_params():  # llama-cpp-python has no arguments for these (q8_0 MLA crashes on AMX with
+        p = default_params()  # extra buffer types on; MTP blocks load only with load_mtp)
         p.use_extra_bufts = state["extra_bufts"]
+        p.load_mtp = state["load_mtp"]
         return p
     lib.llama_model_default_params = model_params
 
@@ -87,6 +89,7 @@ def worker() -> None:
         if op == "load":
             state["llm"] = None
             state["extra_bufts"] = cmd.get("extra_bufts", True)
+            state["load_mtp"] = cmd.get("load_mtp", False)
             kw = dict(n_ctx=cmd.get("n_ctx", 512), n_threads=cmd["threads"], n_threads_batch=cmd["threads"],
                       verbose=False, vocab_only=cmd.get("vocab_only", False))
             if cmd.get("exact"):  # flash attention off (the default here too) and an f32 KV cache
@@ -170,6 +173,7 @@ CONFIGS = {  # name: (preset, overrides, seeds)
     "bench-8m-yarn": ("bench-8m", dict(rope_scaling=dict(factor=8.0, original_max_position_embeddings=64,
                                                          beta_fast=32, beta_slow=1, mscale=0.707,
                                                          mscale_all_dim=1.0)), (0,)),
+    "bench-8m-dense": ("bench-8m", dict(n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=4), (0,)),
 }
 
 
@@ -255,14 +259,16 @@ def parity_demo(llama, folder: Path, work: Path, threads: int, n_chat: int) -> d
     engine, tokenizer = load_engine(folder, max_batch=1)
     problems = get_task("addition3").generate(3, seed=123, split="test")
     chats = [[{"role": "user", "content": p.prompt}] for p in problems]
-    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in chats]
-    eos = tokenizer.eos_id
+    prompts = [tokenizer.chat_prompt(m)[0] for m in chats]  # what `nanoseek chat` feeds the engine
+    eos = tokenizer.eos_ids[0]
     ours = [r.output_ids for r in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n_chat))]
     out = {"model": str(folder), "prompts": [p.prompt for p in problems], "types": {}}
     for type in ("f32", "q8_0"):
         path = work / f"demo-{type}.gguf"
         export_gguf(folder, path, type)
-        llama("load", path=str(path), threads=threads, exact=True, extra_bufts=type == "f32")
+        # f32: MTP blocks loaded too (llama.cpp checks their names and shapes)
+        llama("load", path=str(path), threads=threads, exact=True, extra_bufts=type == "f32",
+              load_mtp=type == "f32")
         template_ids = [llama("chat_prompt", messages=m)["ids"] for m in chats]
         rows = []
         for prompt, mine, t_ids in zip(prompts, ours, template_ids):

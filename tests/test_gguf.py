@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 from nanoseek import ModelConfig, NanoseekError, Transformer, save_model  # noqa: E402
 from nanoseek.cli import main  # noqa: E402
 from nanoseek.export import export_gguf  # noqa: E402
-from nanoseek.export.gguf import yarn_metadata  # noqa: E402
+from nanoseek.export.gguf import check_llama_cpp, yarn_metadata  # noqa: E402
 from nanoseek.model.rope import rope_frequencies  # noqa: E402
 from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -334,6 +334,21 @@ def test_configs_llama_cpp_cannot_run_are_refused(tmp_path, bpe, overrides, mess
     bpe.save(folder)
     with pytest.raises(NanoseekError, match=message):
         export_gguf(folder, tmp_path / "x.gguf")
+
+
+def test_routing_llama_cpp_runs_differently_is_noted():
+    notes = check_llama_cpp(ModelConfig.preset("tiny", topk_method="group_limited_greedy", scoring_func="softmax"))
+    assert any("group_limited_greedy" in n for n in notes)
+    assert check_llama_cpp(ModelConfig.preset("tiny")) == []
+
+
+def test_dense_model_all_leading_dense_layers_no_mtp(tmp_path, bpe):
+    folder = _save(tmp_path / "dense", bpe, n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=3)
+    summary = export_gguf(folder, tmp_path / "d.gguf")
+    f = fields(gguf.GGUFReader(tmp_path / "d.gguf"))
+    assert f["deepseek2.leading_dense_block_count"] == 3 and f["deepseek2.block_count"] == 3
+    assert f["deepseek2.nextn_predict_layers"] == 0 and "deepseek2.expert_count" not in f
+    assert summary.mtp_layers == 0 and any("MTP modules left out" in n for n in summary.notes)
 
 
 def test_command_prints_a_summary(models, tmp_path, capsys):

@@ -91,7 +91,7 @@ def check_llama_cpp(config: ModelConfig) -> list[str]:
     if grouped and config.topk_method == "group_limited_greedy":
         notes.append("group_limited_greedy scores an expert group by its best expert; llama.cpp scores "
                      "groups by the sum of their top 2, so routing can differ")
-    if config.rms_norm_eps != 1e-6 and (config.q_lora_rank is not None or config.kv_lora_rank):
+    if config.rms_norm_eps != 1e-6:
         notes.append(f"llama.cpp uses rms_norm_eps={config.rms_norm_eps:g} for the q_a / kv_a norms too "
                      "(nanoseek: 1e-6)")
     return notes
