@@ -18,7 +18,8 @@ llama.cpp runs in a worker process from a side environment (bench/.llama-env, ll
 built from source on first use: ~7-10 minutes on 2 cores; never part of `make test`). Prints tables and
 writes bench/results/gguf_parity.json.
 
-    .venv/bin/python bench/gguf_parity.py [--demo RUN/model] [--quick] [--no-timing]
+    .venv/bin/python bench/gguf_parity.py [--demo RUN/model] [--quick] [--no-timing | --timing-only]
+                                          [--threads N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -351,6 +352,8 @@ def timing(llama, name: str, work: Path, tok_dir: Path, threads: int, rounds: in
 
 # ==== report =======================================================================================
 def print_tables(results: dict) -> None:
+    if not results["random"]:
+        return print_timing(results)
     print("\n## Greedy parity (llama.cpp: flash attention off, f32 KV cache)\n")
     print("| model | type | runs | greedy tokens agreeing | first-step max abs logit diff |")
     print("|---|---|---:|---|---:|")
@@ -369,6 +372,10 @@ def print_tables(results: dict) -> None:
     print("\n## Tokenizer (llama.cpp's on the exported vocabulary vs nanoseek's)\n")
     for label, r in results["tokenizer"].items():
         print(f"- {label}: {r['equal']}/{r['texts']} mixed texts give identical ids ({r['tokens']} tokens)")
+    print_timing(results)
+
+
+def print_timing(results: dict) -> None:
     if results.get("timing"):
         print(f"\n## Speed, tokens/s ({results['machine']['threads']} threads; shared machine; medians of "
               "alternating rounds)\n")
@@ -376,7 +383,11 @@ def print_tables(results: dict) -> None:
         print("|---|---|---:|---:|")
         for name, engines in results["timing"].items():
             for engine, t in engines.items():
-                print(f"| {name} | {engine} | {t['decode_tok_s']:,.0f} | {t['prefill_tok_s']:,.0f} |")
+                if isinstance(t, dict):
+                    print(f"| {name} | {engine} | {t['decode_tok_s']:,.0f} | {t['prefill_tok_s']:,.0f} |")
+        loads = [f"{e['load_average_after']:.1f}" for e in results["timing"].values()]
+        print(f"\n(1-minute load average: {results['machine']['load_average_at_start']:.1f} at the start, "
+              f"{', '.join(loads)} after each model's timing)")
 
 
 def main() -> int:
@@ -387,38 +398,47 @@ def main() -> int:
     ap.add_argument("--demo", help="a trained demo model folder (default: train a quick demo here)")
     ap.add_argument("--quick", action="store_true", help="one seed, bench-8m only, one timing round")
     ap.add_argument("--no-timing", action="store_true", help="parity only")
+    ap.add_argument("--timing-only", action="store_true", help="speed only (no parity runs, no demo)")
+    ap.add_argument("--threads", type=int, help="CPU threads of both engines (default: torch's default); "
+                    "on a loaded machine 1 thread avoids OpenMP's spinning against other processes")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (default 3)")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens compared (default 64)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gguf_parity.json")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent))
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     python = ensure_llama_env()
     llama = LlamaWorker(python)
     version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
-                           "llama_cpp_python": version, "torch": torch.__version__}, "random": []}
+                           "llama_cpp_python": version, "torch": torch.__version__,
+                           "load_average_at_start": os.getloadavg()[0]}, "random": []}
     configs = {"bench-8m": (0,)} if args.quick else {k: v[2] for k, v in CONFIGS.items()}
     try:
         with tempfile.TemporaryDirectory(prefix="gguf-parity-") as tmp:
             work = Path(tmp)
             tok_dir = work / "tokenizer"
             build_tokenizer(tok_dir)
-            print("parity:", flush=True)
-            for name, seeds in configs.items():
-                results["random"].append(parity_random(llama, name, seeds, work, tok_dir, threads, args.tokens))
-            demo = demo_model(args.demo, work)
-            results["demo"] = parity_demo(llama, demo, work, threads, n_chat=256)
-            results["tokenizer"] = tokenizer_check(llama, {"bpe-4096 (stdlib + mixed)": work / "bench-8m-s0",
-                                                           "demo (byte-level, no merges)": demo}, work, threads)
+            if not args.timing_only:
+                print("parity:", flush=True)
+                for name, seeds in configs.items():
+                    results["random"].append(parity_random(llama, name, seeds, work, tok_dir, threads,
+                                                           args.tokens))
+                demo = demo_model(args.demo, work)
+                results["demo"] = parity_demo(llama, demo, work, threads, n_chat=256)
+                results["tokenizer"] = tokenizer_check(llama, {"bpe-4096 (stdlib + mixed)": work / "bench-8m-s0",
+                                                               "demo (byte-level, no merges)": demo}, work, threads)
             if not args.no_timing:
                 results["timing"] = {}
                 for name in (["bench-8m"] if args.quick else ["bench-8m", "bench-192m"]):
                     print(f"timing {name} ...", flush=True)
                     results["timing"][name] = timing(llama, name, work, tok_dir, threads,
                                                      1 if args.quick else args.rounds)
+                    results["timing"][name]["load_average_after"] = os.getloadavg()[0]
     finally:
         llama.close()
     print_tables(results)

@@ -69,7 +69,7 @@ def _ggml_types():
 # ---- what llama.cpp's deepseek2 can run -----------------------------------------------------------
 def check_llama_cpp(config: ModelConfig) -> list[str]:
     """Raise NanoseekError for a config llama.cpp's deepseek2 cannot express; return notes on the
-    parts it runs differently (routing ties, norms)."""
+    parts it runs differently (group scores, norm epsilon)."""
     notes = []
     if config.attention_bias:
         raise NanoseekError("attention_bias=true cannot be exported: llama.cpp's deepseek2 has no "
@@ -87,8 +87,7 @@ def check_llama_cpp(config: ModelConfig) -> list[str]:
     if y and y["factor"] < 1:
         raise NanoseekError(f"YaRN factor {y['factor']} < 1 cannot be exported (llama.cpp's deepseek2 "
                             "attention scale assumes factor >= 1)")
-    grouped = config.n_routed_experts and config.n_group > 1 and config.topk_method != "greedy"
-    if grouped and config.topk_method == "group_limited_greedy":
+    if config.n_routed_experts and config.n_group > 1 and config.topk_method == "group_limited_greedy":
         notes.append("group_limited_greedy scores an expert group by its best expert; llama.cpp scores "
                      "groups by the sum of their top 2, so routing can differ")
     if config.rms_norm_eps != 1e-6:
