@@ -351,6 +351,16 @@ def timing(llama, name: str, work: Path, tok_dir: Path, threads: int, rounds: in
 
 
 # ==== report =======================================================================================
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_tables(results: dict) -> None:
     if not results["random"]:
         return print_timing(results)
@@ -414,7 +424,7 @@ def main() -> int:
     llama = LlamaWorker(python)
     version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
+    results = {"machine": {"cpu": cpu_name(), "threads": threads,
                            "llama_cpp_python": version, "torch": torch.__version__,
                            "load_average_at_start": os.getloadavg()[0]}, "random": []}
     configs = {"bench-8m": (0,)} if args.quick else {k: v[2] for k, v in CONFIGS.items()}
