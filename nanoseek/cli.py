@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "nanoseek.commands.infer",
     "nanoseek.commands.rl",
     "nanoseek.commands.report",
+    "nanoseek.commands.export",
 )
 
 
