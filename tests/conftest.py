@@ -45,6 +45,19 @@ def random_experts(n_experts: int, hidden: int, intermediate: int, seed: int, st
     return experts
 
 
+def random_tiny_model(seed: int = 0, **overrides):
+    """A random tiny-preset Transformer in eval mode (weights N(0, 0.1) from `seed`, with a random routing
+    bias so selection differs from the unbiased scores); `overrides` are ModelConfig fields."""
+    from nanoseek import ModelConfig, Transformer
+    cfg = ModelConfig.preset("tiny", **{"initializer_range": 0.1, **overrides})
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
 def save_task_model(root, **model):
     """A random tiny-preset model (with `model` overrides, seed 0) and a byte-level tokenizer trained on
     addition3 text, saved together in `root` (an HF model folder); returns root."""

@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer, generate, load_model, save_model
+from nanoseek import Transformer, generate, load_model, save_model
 from nanoseek.infer import (Engine, IncrementalDetokenizer, ReasoningSplitter, SamplingParams, StopStrings,
                             load_tokenizer)
 from nanoseek.infer.request import Request
 from nanoseek.infer.scheduler import QueueFull, Scheduler
+from conftest import random_tiny_model
 from toy import CONVERSATIONS
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 3], [7, 7, 100], [1], [900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 25]]
@@ -28,13 +29,7 @@ def toy_model(toy):
 
 
 def random_model(seed=0, mtp=1) -> Transformer:
-    cfg = ModelConfig.preset("tiny", initializer_range=0.1, num_nextn_predict_layers=mtp)
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    return model
+    return random_tiny_model(seed, num_nextn_predict_layers=mtp)
 
 
 def greedy(n, **kw) -> SamplingParams:

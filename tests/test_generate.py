@@ -5,18 +5,14 @@ import warnings
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer, generate, load_model, save_model
+from nanoseek import Transformer, generate, load_model, save_model
 from nanoseek.infer.sampling import probabilities
+
+from conftest import random_tiny_model
 
 
 def tiny_model(seed=0, **overrides) -> Transformer:
-    cfg = ModelConfig.preset("tiny", initializer_range=0.1, num_nextn_predict_layers=0, **overrides)
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    return model
+    return random_tiny_model(seed, **{"num_nextn_predict_layers": 0, **overrides})
 
 
 def test_greedy_equals_transformers_generate(tmp_path):

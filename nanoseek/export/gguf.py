@@ -33,7 +33,7 @@ import torch
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..errors import CheckpointError, DataError, NanoseekError
-from ..tokenizer import (BOS, CHAT_TEMPLATE, CONFIG_FILE, END_THINK, EOS, PAD, SPLIT_PATTERN, THINK,
+from ..tokenizer import (BOS, CHAT_TEMPLATE, CONFIG_FILE, END_THINK, EOS, SPLIT_PATTERN, THINK,
                          TOKENIZER_FILE, Tokenizer)
 
 ARCH = "deepseek2"
