@@ -20,6 +20,7 @@ from test_serve import KEY, Server, user
 pytestmark = pytest.mark.usefixtures("one_thread")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 POLICY = """
+audit: audit.jsonl
 rules:
   - name: tiananmen
     keywords: [天安門]
@@ -38,6 +39,7 @@ def server(toy, tmp_path_factory):
     app, scheduler = build_app(toy, config=ServerConfig(model_name="toy", api_key=KEY),
                                policy=Policy.load(folder / "policy.yaml"), max_batch=16, max_waiting=64)
     s = Server(app, scheduler)
+    s.audit = folder / "audit.jsonl"
     yield s
     s.stop()
 
@@ -176,11 +178,22 @@ def test_more_sequences_than_the_server_can_ever_run_is_a_400(server):
     ("some_new_field", 1, "some_new_field"),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
     ("messages", [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}], "messages.0.tool_calls"),
+    ("messages", [{"role": "user", "content": "hi", "name": "bob"}], "messages.0.name"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
+     "messages.0.content.0.cache_control"),
 ])
 def test_unhonoured_fields_get_a_400_naming_them(server, field, value, param):
     r = post(server, "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 2, field: value})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_unknown_fields_with_odd_names_are_refused_without_repeating_them(server):
+    for body in [b'{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}',
+                 json.dumps({"messages": user("hi"), "<script>" * 20: 1}).encode()]:
+        r = post(server, "/v1/chat/completions", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+        assert "script" not in r.text
 
 
 def test_unhonoured_fields_are_fine_when_they_ask_for_nothing(server):
@@ -224,9 +237,11 @@ def test_unknown_model_is_not_echoed(server):
 # ---- the policy in Chinese, end to end ---------------------------------------------------------------
 def test_chinese_policy_refuses_chinese_text_in_either_script(server):
     for text in ["我想了解天安门事件", "关于天安門", "天\u200b安门"]:
-        r = post(server, "/v1/chat/completions", {"messages": user(text)})
+        r = post(server, "/v1/chat/completions", {"messages": user(text), "user": "u-7"})
         choice = r.json()["choices"][0]
         assert (choice["finish_reason"], choice["message"]["content"]) == ("content_filter", "[policy]"), text
+    record = json.loads(server.audit.read_text(encoding="utf-8").splitlines()[-1])
+    assert (record["rule"], record["match"], record["user"], record["source"]) == ("tiananmen", "天安门", "u-7", "serve")
 
 
 # ---- /metrics ----------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class _Api:
         answer.echo = prepared.echo
         endpoint = request.scope.get("route").path if request.scope.get("route") else kind
         run = Run(self.scheduler, self.policy, self.tokenizer.end_think_id, self.config.keepalive_s, answer,
-                  metrics=self.metrics, started=started, endpoint=endpoint)
+                  metrics=self.metrics, started=started, endpoint=endpoint, audit=audit_context(rid, body))
         return await run.start(prepared.prompts, sampling(body, prepared), request, body.stream)
 
     def _prepare(self, kind: str, body: SamplingFields, rid: str) -> tuple[Prepared, Decision | None]:
@@ -145,8 +145,15 @@ class _Api:
         prepared = self.prepare.chat(body) if kind == "chat" else self.prepare.completion(body)
         if self.policy is None:
             return prepared, None
-        decisions = self.policy.check_input_all(self.policy.input_text(prepared.texts), source="serve",
-                                                request_id=rid)
+        decisions = self.policy.check_input_all(self.policy.input_text(prepared.texts), **audit_context(rid, body))
         for d in decisions:
             self.metrics.policy(d)
         return prepared, next((d for d in decisions if d.refuses), None)
+
+
+def audit_context(rid: str, body: SamplingFields) -> dict:
+    """What the policy's audit records say about a request: its id and the client's `user` id, if any."""
+    context = {"source": "serve", "request_id": rid}
+    if body.user:
+        context["user"] = body.user[:256]
+    return context
