@@ -176,7 +176,8 @@ def test_more_sequences_than_the_server_can_ever_run_is_a_400(server):
     ("frequency_penalty", -1, "frequency_penalty"),
     ("reasoning_effort", "high", "reasoning_effort"),
     ("some_new_field", 1, "some_new_field"),
-    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True},
+     "stream_options.continuous_usage_stats"),
     ("messages", [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}], "messages.0.tool_calls"),
     ("messages", [{"role": "user", "content": "hi", "name": "bob"}], "messages.0.name"),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
@@ -241,7 +242,8 @@ def test_chinese_policy_refuses_chinese_text_in_either_script(server):
         choice = r.json()["choices"][0]
         assert (choice["finish_reason"], choice["message"]["content"]) == ("content_filter", "[policy]"), text
     record = json.loads(server.audit.read_text(encoding="utf-8").splitlines()[-1])
-    assert (record["rule"], record["match"], record["user"], record["source"]) == ("tiananmen", "天安门", "u-7", "serve")
+    assert (record["rule"], record["match"], record["user"], record["source"]) == \
+        ("tiananmen", "天安门", "u-7", "serve")
 
 
 # ---- /metrics ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..infer.text import ChatTokenizer
 from .access import BodyLimit, RateLimiter, authorize
 from .answer import Answer
 from .config import ServerConfig
-from .metrics import Metrics, MetricsMiddleware
+from .metrics import ARRIVAL, Metrics, MetricsMiddleware
 from .policy import Decision, Policy
 from .prepare import Prepared, Preparer, sampling
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -122,7 +122,7 @@ class _Api:
         """Screen the body on the loop, tokenize it and check the input rules in a worker thread (at most
         config.tokenizer_threads at once, so long prompts neither stall the loop nor pile up in memory),
         then refuse it under the policy or run the choices."""
-        started = time.monotonic()
+        started = request.scope.get(ARRIVAL, time.monotonic())
         self.check_model(body.model)
         self.prepare.screen(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}" if kind == "chat" else f"cmpl-{uuid.uuid4().hex}"
