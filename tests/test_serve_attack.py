@@ -285,15 +285,17 @@ def test_64_concurrent_streaming_clients_all_complete(server):
     body = {"prompt": "the sea and the", "max_tokens": 16, "ignore_eos": True, "stream": True, "temperature": 0}
 
     async def one(client):
-        start, tokens, done = time.perf_counter(), 0, False
+        start, text, finish, done = time.perf_counter(), "", None, False
         async with client.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    tokens += 1
-        return done, time.perf_counter() - start
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+        return done, finish, text, time.perf_counter() - start
 
     async def run():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -303,7 +305,8 @@ def test_64_concurrent_streaming_clients_all_complete(server):
     start = time.perf_counter()
     results = asyncio.run(asyncio.wait_for(run(), 60))
     wall = time.perf_counter() - start
-    latencies = sorted(t for _, t in results)
-    assert all(done for done, _ in results) and len(results) == 64
+    latencies = sorted(t for *_, t in results)
+    assert len(results) == 64 and all(done and finish == "length" for done, finish, _, _ in results)
+    assert len({text for _, _, text, _ in results}) == 1  # greedy: every client got the whole same reply
     p95 = latencies[int(0.95 * len(latencies)) - 1]
     print(f"\n64 streaming clients: wall {wall:.2f} s, p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s")
