@@ -73,6 +73,19 @@ def test_rate_limit_cannot_be_dodged_with_headers(server, limits, headers):
     assert codes[:5] == [200] * 5 and set(codes[5:]) == {429}
 
 
+@pytest.mark.parametrize("argv, options", [
+    ([], {"proxy_headers": False}),
+    (["--forwarded-allow-ips", "10.0.0.1"], {"proxy_headers": True, "forwarded_allow_ips": "10.0.0.1"}),
+])
+def test_serve_believes_x_forwarded_for_only_from_named_proxies(toy, monkeypatch, argv, options):
+    import uvicorn
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setenv("NANOSEEK_API_KEY", "k-1")
+    assert cli.main(["serve", str(toy), *argv]) == 0
+    assert {k: v for k, v in calls[0].items() if k in ("proxy_headers", "forwarded_allow_ips")} == options
+
+
 def test_wrong_keys_are_throttled(server, limits):
     limits.rate_limit = 0  # even without a rate limit, guessing keys is limited
     codes = [httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer guess-{i}"}).status_code
