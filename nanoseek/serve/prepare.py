@@ -1,9 +1,16 @@
 """Request body -> what the engine runs: the parameter checks both endpoints share, the prompt of chat
-messages or of completion prompts, the max_tokens budget, and one SamplingParams per choice."""
+messages or of completion prompts, the max_tokens budget, and one SamplingParams per choice.
+
+`Preparer.screen` makes the cheap checks (fields we do not honour, invalid Unicode, a prompt that is
+certainly too long, more choices than the server can ever run) on the event loop; `chat` and
+`completion` tokenize, which the app runs in a worker thread."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from ..errors import DataError
 from ..infer.sampling import SamplingParams
@@ -11,6 +18,20 @@ from ..infer.text import ChatTokenizer
 from .config import ServerConfig
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .wire import APIError
+
+# Fields of the OpenAI API this server does not honour, at the top level or inside a message ("name":
+# the chat template has no place for a participant's name): a request giving one any value but null or
+# the value that asks for nothing (NEUTRAL) gets a 400 naming it. Unknown fields are refused the same way.
+UNSUPPORTED = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+               "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+               "suffix", "store", "metadata", "modalities", "audio", "prediction", "service_tier",
+               "reasoning_effort", "web_search_options", "name")
+NEUTRAL = {"logprobs": (False, 0), "top_logprobs": (0,), "tool_choice": ("none",), "tools": ([],),
+           "functions": ([],), "response_format": ({"type": "text"},), "logit_bias": ({},),
+           "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,), "store": (False,),
+           "modalities": (["text"],), "service_tier": ("auto", "default")}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NAME = re.compile("[A-Za-z0-9_-]{1,64}")  # an unknown field named like this is named back in the error
 
 
 @dataclass
@@ -21,7 +42,7 @@ class Prepared:
     max_tokens: int
     stops: tuple[str, ...]
     prompt_tokens: int  # usage: the distinct prompts' tokens
-    texts: list[str]  # the user's text, for the policy's input rules
+    texts: list[tuple[str, str]]  # (role, text) of each message or prompt, for the policy's input rules
     thinking: bool = False  # chat: the prompt opens a reasoning block
     echo: list[str] | None = None  # completions with echo: each choice's prompt text
 
@@ -29,19 +50,21 @@ class Prepared:
 class Preparer:
     """Turns validated bodies into Prepared requests under the server's limits (raises APIError)."""
 
-    def __init__(self, tokenizer: ChatTokenizer, config: ServerConfig, context: int, vocab_size: int):
+    def __init__(self, tokenizer: ChatTokenizer, config: ServerConfig, context: int, vocab_size: int,
+                 capacity: int):
         self.tokenizer, self.config, self.context, self.vocab_size = tokenizer, config, context, vocab_size
         self.max_prompt = min(config.max_prompt_tokens or context - 1, context - 1)
         self.max_tokens = min(config.max_tokens_limit or context, context)
+        self.capacity = capacity
+        # no token is longer than this (UTF-8 bytes, + 1 for a decoder's dropped leading space), and a
+        # character is at least a byte: more characters than this (x 2 for normalizers) cannot fit
+        longest = max((len(tokenizer.decode([i]).encode("utf-8", "replace")) for i in range(tokenizer.vocab_size)),
+                      default=1)
+        self.max_prompt_chars = 2 * self.max_prompt * (longest + 1)
 
     def chat(self, body: ChatCompletionRequest) -> Prepared:
-        stops = self.check_fields(body)
-        if body.tools:
-            raise APIError(422, "tools are not supported by this server.", param="tools",
-                           code="unsupported_parameter")
-        if len(body.messages) > self.config.max_messages:
-            raise APIError(400, f"Too many messages: {len(body.messages)} (at most {self.config.max_messages}).",
-                           param="messages", code="invalid_value")
+        """Tokenize a screened chat request (slow for long prompts: run it off the event loop)."""
+        stops = self.stops(body)
         messages = []
         for m in body.messages:
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -58,25 +81,59 @@ class Preparer:
         max_tokens = self.budget(len(prompt), body.max_completion_tokens or body.max_tokens,
                                  self.config.default_max_tokens)
         return Prepared([prompt] * body.n, max_tokens, stops, len(prompt),
-                        [m["content"] for m in messages if m["role"] == "user"], thinking)
+                        [(m["role"], m["content"]) for m in messages], thinking)
 
     def completion(self, body: CompletionRequest) -> Prepared:
-        stops = self.check_fields(body)
+        """Tokenize a screened completion request (slow for long prompts: run it off the event loop)."""
+        stops = self.stops(body)
         prompts, texts = self.completion_prompts(body.prompt)
         lengths = [len(p) for p in prompts]
         max_tokens = min(self.budget(P, body.max_tokens, 16) for P in lengths)  # raises for any prompt too long
         per_choice = [(p, text) for p, text in zip(prompts, texts) for _ in range(body.n)]
-        return Prepared([p for p, _ in per_choice], max_tokens, stops, sum(lengths), texts,
+        return Prepared([p for p, _ in per_choice], max_tokens, stops, sum(lengths), [("user", t) for t in texts],
                         echo=[text for _, text in per_choice] if body.echo else None)
 
-    def check_fields(self, body: SamplingFields) -> tuple[str, ...]:
-        """Refuse what neither endpoint serves; -> the stop strings."""
-        if body.logprobs:
-            raise APIError(422, "logprobs are not supported by this server.", param="logprobs",
-                           code="unsupported_parameter")
+    # ---- cheap checks, on the event loop ----------------------------------------------------------
+    def screen(self, body: SamplingFields) -> None:
+        """Refuse (400) what no amount of work could serve, before anything is tokenized."""
+        unhonoured(body)
+        field = bad_unicode(body)
+        if field is not None:
+            raise APIError(400, f"Invalid value for '{field}': the text has a lone surrogate (invalid Unicode).",
+                           param=field, code="invalid_value")
         if body.n > self.config.max_n:
             raise APIError(422, f"'n' must be at most {self.config.max_n} (got {body.n}).", param="n",
                            code="invalid_value")
+        self.stops(body)
+        if isinstance(body, ChatCompletionRequest):
+            if len(body.messages) > self.config.max_messages:
+                raise APIError(400, f"Too many messages: {len(body.messages)} (at most {self.config.max_messages}).",
+                               param="messages", code="invalid_value")
+            self._not_too_long(sum(len(m.text()) + len(m.reasoning_content or "") for m in body.messages),
+                               "messages")
+            sequences = body.n
+        else:
+            prompts = [body.prompt] if isinstance(body.prompt, str) or not body.prompt or \
+                isinstance(body.prompt[0], int) else body.prompt
+            for p in prompts:
+                if isinstance(p, str):
+                    self._not_too_long(len(p), "prompt")
+            sequences = len(prompts) * body.n
+        if sequences > self.capacity:
+            raise APIError(400, f"This request needs {sequences} sequences at once (prompts x n) but this server "
+                           f"runs at most {self.capacity}; it can never be served. Send fewer prompts or a "
+                           "smaller 'n'.", param="n", code="invalid_value")
+
+    def _not_too_long(self, chars: int, param: str):
+        """400 for text so long that even the longest tokens could not fit it in max_prompt tokens."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                           f"request has {chars} characters of input, more than {self.max_prompt} tokens can "
+                           "hold. Please reduce the length of the input.", param=param,
+                           code="context_length_exceeded")
+
+    def stops(self, body: SamplingFields) -> tuple[str, ...]:
+        """The stop strings (422 beyond 16 or for an empty or long one)."""
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stops) > 16 or any(not s or len(s) > 256 for s in stops):
             raise APIError(422, "'stop' takes at most 16 non-empty strings of at most 256 characters.",
@@ -127,6 +184,60 @@ class Preparer:
                 raise APIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
             ids.append(p)
         return ids, texts
+
+
+def unhonoured(body: BaseModel, where: str = "") -> None:
+    """400 naming the first field the server does not honour: one in UNSUPPORTED set to anything but
+    null or its NEUTRAL value, or an unknown field that is not null (also inside messages)."""
+    for name in UNSUPPORTED:
+        value = getattr(body, name, None) if name in type(body).model_fields else (body.model_extra or {}).get(name)
+        if value is not None and not _neutral(value, NEUTRAL.get(name, ())):
+            raise APIError(400, f"'{where}{name}' is not supported by this server.", param=where + name,
+                           code="unsupported_parameter")
+    for name, value in (body.model_extra or {}).items():
+        if value is not None and name not in UNSUPPORTED:
+            if not _NAME.fullmatch(name):  # the client's text, not a field name: not repeated
+                raise APIError(400, f"Unrecognized request argument supplied{' in ' + where[:-1] if where else ''}.",
+                               param=where[:-1] or None, code="unknown_parameter")
+            raise APIError(400, f"Unrecognized request argument supplied: '{where}{name}'.", param=where + name,
+                           code="unknown_parameter")
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            unhonoured(value, f"{where}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    unhonoured(item, f"{where}{name}.{i}.")
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    """value asks for nothing (0.0 counts as 0, True does not count as 1)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+
+
+def bad_unicode(body: BaseModel) -> str | None:
+    """The dotted name of the first string in `body` holding a lone surrogate (JSON's "\\ud800"),
+    which no tokenizer or response can encode; None if all are valid."""
+    def walk(value, path):
+        if isinstance(value, str):
+            return None if value.isascii() or not _SURROGATE.search(value) else path
+        if isinstance(value, BaseModel):
+            items = [(k, getattr(value, k)) for k in type(value).model_fields] + list((value.model_extra or {}).items())
+        elif isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = list(enumerate(value))
+        else:
+            return None
+        for k, v in items:
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or "body"  # (a bad key itself is not named: it cannot be written back)
+            found = walk(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+        return None
+    return walk(body, "")
 
 
 def sampling(body: SamplingFields, prepared: Prepared) -> list[SamplingParams]:

@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI / DeepSeek API as pydantic models (they make the server's OpenAPI
 schema), and the per-choice output pipeline shared by the server and the terminal chat.
 
-Unknown fields are ignored (clients send many optional ones); known fields are type-checked and
-range-checked. Fields nanoseek cannot honour (logprobs, tools) are refused with a clear message rather
-than silently ignored.
+Known fields are type-checked and range-checked. Every other field is kept (extra="allow") so that
+prepare.py can refuse it by name: a field the server does not honour is a 400, never silently
+ignored (a null value is accepted, as clients send many optional fields as null).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ Float = Field(default=None, allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     reasoning_content: Optional[str] = None
@@ -42,12 +42,12 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
