@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Transformer, rope_frequencies
-from .runio import staged_dir
+from .runio import chmod_like_new, staged_dir
 from .tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -155,6 +155,7 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
         for fname, shard in zip(names, shards):
             save_file({k: t.to("cpu").contiguous().clone() for k, t in shard}, tmp / fname,
                       metadata={"format": "pt"})
+            chmod_like_new(tmp / fname)  # save_file writes through mkstemp (0600)
             weight_map.update({k: fname for k, _ in shard})
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for _, t in tensors)

@@ -16,7 +16,7 @@ import torch
 
 from nanoseek import ConfigError, load_model
 from nanoseek.data import prepare
-from nanoseek.errors import CheckpointError
+from nanoseek.errors import CheckpointError, DataError
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import TrainingError, load_recipe, train
 from nanoseek.train.common import lr_at, masked_cross_entropy, update_routing_bias
@@ -279,3 +279,108 @@ def test_single_process_stands_in_for_parallel():
     assert one.all_reduce_sum([t])[0] is t and one.mean_floats({"a": 0.5}) == {"a": 0.5}
     assert one.any(True) and not one.any(False) and one.all_reduce_max(3) == 3.0
     assert (one.rank, one.world_size, one.is_main) == (0, 1, True)
+
+
+# ---- resume after a kill: stale staging folders, torn metrics, corrupt checkpoints ----------------
+STAGE = ".{}.tmp-" + "0123456789abcdef" * 2  # a staging folder's name (runio.staged_dir)
+
+
+def test_resume_removes_staging_folders_a_killed_writer_left(corpus, tmp_path):
+    """kill -9 during a save leaves `.step-N.tmp-<uuid>` (and `.model.tmp-<uuid>`) folders; the next run
+    in that folder removes them, and only them."""
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=3))
+    ckpts = run / "checkpoints"
+    stale = [ckpts / STAGE.format("step-0000006"), ckpts / (STAGE.format("step-0000003") + ".old"),
+             ckpts / ".tmp-step-0000005-x1y2", run / STAGE.format("model")]
+    kept = [ckpts / ".notes", run / ".model.tmp-mine", run / STAGE.format("mine")]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"x" * 100)
+    train(recipe(corpus, run, max_steps=6, resume=True))
+    assert not [d for d in stale if d.exists()]
+    assert all(d.exists() for d in kept)
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000003", "step-0000006"]
+
+
+def test_a_killed_swap_gets_its_old_folder_back(tmp_path):
+    """Killed between swap_dir's two renames: the target is gone, `.{name}.tmp-<uuid>.old` holds it."""
+    from nanoseek.runio import remove_stale_staging
+    old = tmp_path / (STAGE.format("step-0000004") + ".old")
+    old.mkdir()
+    (old / "trainer.json").write_text("{}")
+    (tmp_path / STAGE.format("step-0000004")).mkdir()  # the half-swapped new one
+    removed = remove_stale_staging(tmp_path, r"step-\d+")
+    assert (tmp_path / "step-0000004" / "trainer.json").exists() and len(removed) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004"]
+
+
+def test_resume_drops_a_torn_last_metrics_line(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=3))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.1')  # what a kill mid-write leaves
+    train(recipe(corpus, run, max_steps=6, resume=True))
+    assert [r["step"] for r in losses_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_names_a_corrupt_metrics_line(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=3))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:2"):
+        train(recipe(corpus, run, max_steps=6, resume=True))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "optimizer": lambda c: _truncate(c / "optimizer.safetensors"),
+    "weights": lambda c: _truncate(c / "model" / "model.safetensors"),
+    "rng": lambda c: _truncate(c / "rng.safetensors"),
+    "trainer.json": lambda c: (c / "trainer.json").write_text('{"step": 4, "recip'),
+}
+
+
+@pytest.mark.parametrize("part", list(CORRUPTIONS))
+def test_resume_falls_back_to_the_previous_checkpoint(corpus, tmp_path, part):
+    """A checkpoint that does not load is skipped with a warning naming it; the run resumes from the one
+    before (keep_last kept it) and continues exactly as an uninterrupted run."""
+    train(recipe(corpus, tmp_path / "full", max_steps=6, save_every=2))
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=4, save_every=2))
+    CORRUPTIONS[part](run / "checkpoints" / "step-0000004")
+    with pytest.warns(UserWarning, match="step-0000004.*falling back to .*step-0000002"):
+        train(recipe(corpus, run, max_steps=6, save_every=2, resume=True))
+    assert losses(run) == losses(tmp_path / "full")
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_clear_error(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=4, save_every=2))
+    for step in ("step-0000002", "step-0000004"):
+        _truncate(run / "checkpoints" / step / "optimizer.safetensors")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no checkpoint.*step-0000002.*step-0000004"):
+        train(recipe(corpus, run, max_steps=6, save_every=2, resume=True))
+    from nanoseek.cli import main
+    (tmp_path / "r.json").write_text(json.dumps(recipe(corpus, run, max_steps=6, save_every=2,
+                                                       resume=True).as_dict()))
+    with pytest.warns(UserWarning):
+        assert main(["train", "--recipe", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "optimizer.safetensors" in err[0]
+
+
+def test_checkpoint_files_respect_the_umask(corpus, tmp_path):
+    """safetensors' save_file writes through mkstemp (mode 0600): nanoseek's files are 0666 & ~umask."""
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=3))
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in run.rglob("*.safetensors")]
+    assert len(files) >= 4  # checkpoint weights, optimizer, rng; model/
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}

@@ -3,23 +3,28 @@ logging, and checkpoints that resume bit for bit (safetensors + JSON, written at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, save_model
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NanoseekError
 from ..model import Transformer
-from ..runio import pyplot, read_metrics, save_figure, staged_dir
+from ..runio import LEGACY_STAGING, chmod_like_new, pyplot, read_metrics, remove_stale_staging, save_figure, staged_dir
 from .recipe import TrainRecipe
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+CHECKPOINT = r"step-\d+"  # the names of checkpoint folders
 
 
 # ---- optimizer and schedule --------------------------------------------------------------------
@@ -196,33 +201,100 @@ def _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_file({f"rng.{k}": v for k, v in rng.items()}, tmp / "rng.safetensors")
+        save_file({f"rng.{k}": v for k, v in rng.items()}, tmp / RNG_FILE)
+        for name in (OPTIMIZER_FILE, RNG_FILE):  # save_file writes through mkstemp: 0600
+            chmod_like_new(tmp / name)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step-*")) if root.exists() else []
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").exists() else []
+    found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def remove_stale_checkpoint_staging(run_dir: Path) -> list[Path]:
+    """What a writer killed in the middle of a save left in checkpoints/ (staging folders, also the
+    `.tmp-step-*` of earlier versions) and beside model/. Only for the run folder's one writer, before
+    it reads or writes checkpoints (see runio.remove_stale_staging)."""
+    return (remove_stale_staging(run_dir / "checkpoints", CHECKPOINT, legacy=LEGACY_STAGING)
+            + remove_stale_staging(run_dir, "model"))
+
+
+def load_latest_checkpoint(run_dir: Path, optimizer_for, device, *, parallel
+                           ) -> tuple[Path, Transformer, torch.optim.Optimizer, dict]:
+    """`load_checkpoint` of the newest checkpoint that loads. One that does not (a truncated or corrupt
+    file, e.g. from a kill or a full disk) is skipped with a warning naming it, falling back to the one
+    before (keep_last keeps them); when none loads, one CheckpointError names each and why.
+    Returns (the checkpoint loaded, model, optimizer, state)."""
+    found, failures = checkpoints(run_dir), []
+    if not found:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint to resume from")
+    for i in range(len(found) - 1, -1, -1):
+        try:
+            return (found[i], *load_checkpoint(found[i], optimizer_for, device, parallel=parallel))
+        except CheckpointError as e:
+            failures.append(str(e))
+            if i > 0:
+                warnings.warn(f"checkpoint {found[i]} does not load ({e}); falling back to {found[i - 1]}",
+                              stacklevel=2)
+    raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} loads: " + "; ".join(reversed(failures)))
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn any failure to read `path` (truncated or corrupt safetensors, bad JSON, wrong contents) into
+    a CheckpointError that names it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (NanoseekError, SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError,
+            RuntimeError) as e:
+        raise CheckpointError(f"{path} does not load: {type(e).__name__}: {e}") from e
+
+
+def _read_state(path: Path) -> dict:
+    with _reading(path):
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+                or not isinstance(state.get("param_groups"), list):
+            raise ValueError("not a trainer state (an object with an integer step and param_groups)")
+    return state
 
 
 def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel
                     ) -> tuple[Transformer, torch.optim.Optimizer, dict]:
     """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint.
+    Every file is read (and checked) before anything changes, so a bad checkpoint leaves the process as
+    it was: CheckpointError names the file. The RNG state is restored last.
 
     parallel: every rank reads the full checkpoint, then the model is parallelized and each rank keeps
     its shards of weights and optimizer state; the world size may differ from the saving run's."""
-    for name in ("model", OPTIMIZER_FILE, STATE_FILE, "rng.safetensors"):
+    for name in ("model", OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
-    model = parallel.parallelize(load_model(ckpt / "model", device=device, dtype=torch.float32).train())
+    state = _read_state(ckpt / STATE_FILE)
+    with _reading(ckpt / OPTIMIZER_FILE):
+        tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
+    with _reading(ckpt / RNG_FILE):
+        rng = load_file(ckpt / RNG_FILE)
+        if "rng.torch" not in rng:
+            raise KeyError("rng.torch")
+    with _reading(ckpt / "model"):
+        model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
+    model = parallel.parallelize(model)
     optimizer = optimizer_for(model)
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
-    tensors = parallel.shard_optimizer_state(optimizer, model, tensors)
-    _restore_optimizer(optimizer, tensors, state["param_groups"])
-    rng = load_file(ckpt / "rng.safetensors")
+    with _reading(ckpt / OPTIMIZER_FILE):
+        tensors = parallel.shard_optimizer_state(optimizer, model, tensors)
+        _restore_optimizer(optimizer, tensors, state["param_groups"])
     torch.set_rng_state(rng["rng.torch"])
     if "rng.cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["rng.cuda"])

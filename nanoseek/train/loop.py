@@ -31,8 +31,8 @@ from tqdm import tqdm
 from ..checkpoint import save_model
 from ..errors import CheckpointError, NanoseekError
 from ..runio import MetricsLogger
-from .common import (copy_tokenizer, flatten_optimizer, latest_checkpoint, load_checkpoint, save_checkpoint,
-                     update_routing_bias)
+from .common import (copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
+                     remove_stale_checkpoint_staging, save_checkpoint, update_routing_bias)
 
 
 class TrainingError(NanoseekError):
@@ -157,12 +157,20 @@ def set_aux_loss_alpha(model, alpha: float) -> None:
 class RunFolder:
     """recipe.out: refuses to start a fresh run over another run's checkpoints, finds the checkpoint to
     resume from and checks that the recipe still matches it, writes checkpoints (with the recipe's
-    RESUME_KEYS), the recipe, the model with its tokenizer, and the summary. Errors are `error`s."""
+    RESUME_KEYS), the recipe, the model with its tokenizer, and the summary. Errors are `error`s.
+
+    A run folder has one writer: one run (rank 0 of it under torchrun) at a time. On opening, rank 0
+    removes the staging folders a writer killed in the middle of a save left (they can be gigabytes)
+    before any rank looks at the checkpoints; a second run writing the same folder at the same time
+    would lose its staging folders, as it would its checkpoints."""
 
     def __init__(self, recipe, parallel, tokenizer_dir: str | Path | None, error=TrainingError):
         self.recipe, self.parallel, self.error = recipe, parallel, error
         self.dir = Path(recipe.out)
         self.tokenizer_dir = tokenizer_dir
+        if parallel.is_main:
+            remove_stale_checkpoint_staging(self.dir)
+        parallel.barrier()
         latest = latest_checkpoint(self.dir)
         if latest is not None and not recipe.resume:
             raise CheckpointError(f"{self.dir} already holds checkpoints: pass resume=true to continue that run, "
@@ -171,8 +179,10 @@ class RunFolder:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def load(self, optimizer_for, device) -> tuple:
-        """Model, optimizer and state of the checkpoint to resume from, after checking the recipe."""
-        model, optimizer, state = load_checkpoint(self.resumed_from, optimizer_for, device, parallel=self.parallel)
+        """Model, optimizer and state of the checkpoint to resume from (the newest that loads: see
+        load_latest_checkpoint), after checking the recipe."""
+        self.resumed_from, model, optimizer, state = load_latest_checkpoint(self.dir, optimizer_for, device,
+                                                                            parallel=self.parallel)
         self.check_resume(state)
         return model, optimizer, state
 
