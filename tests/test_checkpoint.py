@@ -628,3 +628,19 @@ def test_config_json_records_routing_and_dtype(tmp_path, tiny_model):
     assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc"
     assert cfg["torch_dtype"] == "bfloat16"
     assert ModelConfig.from_hf(tmp_path / "m") == tiny_model.config
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    """safetensors' save_file writes through mkstemp (0600); a saved model is as readable as any file
+    the user makes: 0666 & ~umask, sharded or not."""
+    from conftest import random_tiny_model
+    model = random_tiny_model()
+    old = os.umask(umask)
+    try:
+        save_model(model, tmp_path / "one")
+        save_model(model, tmp_path / "sharded", max_shard_size="200KB")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "one").iterdir()) + list((tmp_path / "sharded").iterdir())
+    assert len(files) > 3 and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}

@@ -175,3 +175,20 @@ def test_train_says_how_the_run_ended(monkeypatch, capsys, stopped_by, words):
     monkeypatch.setattr(train_command, "train", lambda recipe: summary)
     assert main(["train", "--max-steps", "7"]) == 0
     assert capsys.readouterr().out.startswith(f"{words} step 7 (1,234 tokens")
+
+
+# ---- bad numbers on the generation options: one line, exit 2, before any model loads -------------
+@pytest.mark.parametrize("argv, needle", [
+    (["chat", "{m}", "--temperature", "nan"], "temperature must be a finite number"),
+    (["chat", "{m}", "--temperature", "-1"], "temperature must be a finite number"),
+    (["chat", "{m}", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["chat", "{m}", "--max-tokens", "0"], "max_tokens must be a positive integer"),
+    (["chat", "{m}", "--threads", "-1"], "--threads must be a positive integer"),
+    (["serve", "{m}", "--threads", "-1"], "--threads must be a positive integer"),
+    (["eval", "{m}", "--task", "addition3", "--temperature", "inf"], "temperature must be a finite number"),
+    (["eval", "{m}", "--task", "addition3", "--batch-size", "0"], "batch_size must be a positive integer"),
+    (["distill", "--teacher", "{m}", "--task", "addition3", "--out", "{m}/d", "--top-p", "nan"], "top_p"),
+])
+def test_generation_options_reject_bad_numbers(tmp_path, capsys, argv, needle):
+    argv = [a.replace("{m}", str(tmp_path / "no-model")) for a in argv]
+    assert_one_line_error(main(argv), capsys.readouterr().err, needle)

@@ -114,3 +114,25 @@ def test_write_eval_examples(tmp_path):
            "examples": [{"prompt": "q", "completion": "c", "correct": True}]}
     _, md = write_eval(res, tmp_path, "m")
     assert "**q** (correct)" in md.read_text()
+
+
+@pytest.mark.parametrize("option, value, field", [
+    ("--temperature", "nan", "temperature"), ("--temperature", "-1", "temperature"),
+    ("--temperature", "inf", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "nan", "top_p"),
+    ("--top-p", "1.5", "top_p"), ("--batch-size", "0", "batch_size"), ("--batch-size", "-1", "batch_size"),
+    ("--max-new-tokens", "0", "max_new_tokens"), ("--max-new-tokens", "-2", "max_new_tokens"),
+    ("--threads", "-1", "threads")])
+def test_eval_bad_numbers_are_one_line_errors(model_dir, capsys, option, value, field):
+    """Each bad setting is `error: <field> ...`, exit 2, before the model is even loaded."""
+    from nanoseek.cli import main
+    assert main(["eval", str(model_dir), "--task", "addition3", "--n", "4", "--k", "2", option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {field} ") and "\n" not in err and value.lstrip("-") in err
+
+
+def test_evaluate_task_checks_its_settings_too(model_dir):
+    from nanoseek import ConfigError
+    from nanoseek.checkpoint import load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer(model_dir)
+    with pytest.raises(ConfigError, match="batch_size"):
+        evaluate_task(model, tok, "addition3", n=2, k=1, batch_size=0, max_new_tokens=2)

@@ -229,3 +229,28 @@ def test_distill_keeps_only_correct_traces(policy, tmp_path, monkeypatch):
     assert main(["distill", "--teacher", str(policy), "--task", "addition3", "--out", str(tmp_path / "cli"),
                  "--problems", "6", "--samples", "2", "--no-train"]) == 0
     assert json.loads((tmp_path / "cli" / "distill.json").read_text())["kept_traces"] == 6
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                           ("--top-p", "nan"), ("--beta", "nan"), ("--eps-high", "inf"),
+                                           ("--lr", "inf"), ("--max-seconds", "nan")])
+def test_grpo_non_finite_numbers_are_one_line_errors(policy, tmp_path, capsys, option, value):
+    from nanoseek.cli import main
+    recipe = tmp_path / "g.toml"
+    recipe.write_text(f'init_from = "{policy}"\ntask = "addition3"\nmax_steps = 1\nprogress = false\n')
+    assert main(["grpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    field = option[2:].replace("-", "_")
+    assert err.startswith("error: ") and f"'{field}'" in err and "finite" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("option, value, field", [
+    ("--temperature", "nan", "temperature"), ("--top-p", "0", "top_p"), ("--batch-size", "0", "batch_size"),
+    ("--max-new-tokens", "0", "max_new_tokens"), ("--threads", "-2", "threads")])
+def test_distill_bad_numbers_are_one_line_errors(policy, tmp_path, capsys, option, value, field):
+    from nanoseek.cli import main
+    assert main(["distill", "--teacher", str(policy), "--task", "addition3", "--out", str(tmp_path / "d"),
+                 "--problems", "2", "--samples", "2", "--no-train", option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {field} ") and "\n" not in err

@@ -36,10 +36,17 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                    help="audit log (JSONL) of policy decisions (default: the policy file's 'audit' entry)")
 
 
+def _set_threads(threads: int | None) -> None:
+    """--threads: torch's CPU threads (None or 0: torch's choice)."""
+    if threads is not None and threads < 0:
+        raise NanoseekError(f"--threads must be a positive integer (0: torch's choice), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _setup(args, max_batch: int):
     from ..serve import Policy, load_engine
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.max_model_len is not None and args.max_model_len < 2:
         raise NanoseekError("--max-model-len must be at least 2")
     policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
@@ -64,7 +71,12 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
 @command("chat", "chat with a model in the terminal (streaming, thinking shown dimmed; /help for commands)",
          _chat_arguments)
 def cmd_chat(args: argparse.Namespace) -> int:
+    from ..infer.sampling import SamplingParams
     from ..serve.chat import TerminalChat
+    try:  # the checks every request gets, before the model loads
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
     engine, tokenizer, policy = _setup(args, max_batch=1)
     color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     chat = TerminalChat(engine, tokenizer, policy=policy, temperature=args.temperature, top_p=args.top_p,
@@ -125,8 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("rate_limit", "auth_failure_limit"):
         if getattr(args, name) < 0:
             raise NanoseekError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
     dtype = DTYPES[args.dtype]
     engine, tokenizer = load_engine(args.path, max_batch=args.max_batch, max_model_len=args.max_model_len,

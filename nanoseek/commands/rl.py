@@ -13,7 +13,7 @@ from ..checkpoint import load_model_and_tokenizer
 from ..cli import EXIT_OK, add_recipe_arguments, command, how_run_ended, recipe_overrides
 from ..errors import ConfigError
 from ..eval import markdown_table, summary_line, write_eval
-from ..eval.tasks import evaluate_task
+from ..eval.tasks import check_generation, evaluate_task
 from ..tasks import TASKS, get_task, write_chat_jsonl
 from ..train.distill import distill
 from ..train.grpo import grpo, grpo_recipe_fields, load_grpo_recipe
@@ -21,6 +21,9 @@ from ..train.recipe import read_recipe_file
 
 
 def _threads(value: int) -> None:
+    """--threads: torch's CPU threads (0: torch's default)."""
+    if value < 0:
+        raise ConfigError(f"threads must be a positive integer (0: torch's default), got {value}")
     if value:
         torch.set_num_threads(value)
 
@@ -119,7 +122,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             student["model"] = json.loads(args.student_model)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--student-model is not valid JSON: {e}") from None
-    if args.sft_steps:
+    if args.sft_steps is not None:  # 0 or less: the recipe says why
         student["max_steps"] = args.sft_steps
     stats = distill(args.teacher, args.task, args.out, n_problems=args.problems, samples_per_problem=args.samples,
                     keep_per_problem=args.keep, temperature=args.temperature, top_p=args.top_p,
@@ -158,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args.threads)
     if args.n < 1 or args.k < 0 or (args.no_greedy and args.k == 0):
         raise ConfigError("need --n >= 1, --k >= 0 and something to measure (greedy or k > 0)")
+    check_generation(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size)  # before the model loads
     task = get_task(args.task)
     problems = task.generate(args.n, seed=1234, split="test", difficulty=args.difficulty)
     model, tok = load_model_and_tokenizer(args.path, args.tokenizer)

@@ -36,12 +36,14 @@ def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_pe
     problems; keeps up to `keep_per_problem` distinct correct traces per problem. Returns (chat
     records, statistics)."""
     from ..checkpoint import load_model_and_tokenizer
+    from ..eval.tasks import check_generation
     from ..infer import generate_batches
     from ..tasks import default_max_new_tokens, prompt_ids
     from ..tasks import get_task
     from tqdm import tqdm
     if samples_per_problem < 1 or keep_per_problem < 1 or n_problems < 1:
         raise DataError("n_problems, samples_per_problem and keep_per_problem must be at least 1")
+    check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
     task = get_task(task)
     model, tok = load_model_and_tokenizer(teacher)
     problems = task.generate(n_problems, seed=seed, split="train", difficulty=difficulty)

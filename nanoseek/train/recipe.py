@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -64,6 +65,9 @@ class RunRecipe:
         raise ConfigError(f"invalid {self.WHAT} field '{name}'{where}: {why} (got {getattr(self, name)!r})")
 
     def validate(self, source: str | None = None):
+        for name, kind in field_types(type(self)).items():  # NaN passes every `< 0` check below
+            if kind is float and not math.isfinite(getattr(self, name)):
+                self.bad(name, "must be a finite number", source)
         if self.schedule not in SCHEDULES:
             self.bad("schedule", f"must be one of {SCHEDULES}", source)
         for name in ("max_steps", "log_every", "keep_last"):
