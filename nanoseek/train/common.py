@@ -225,7 +225,7 @@ def remove_stale_checkpoint_staging(run_dir: Path) -> list[Path]:
     `.tmp-step-*` of earlier versions) and beside model/. Only for the run folder's one writer, before
     it reads or writes checkpoints (see runio.remove_stale_staging)."""
     return (remove_stale_staging(run_dir / "checkpoints", CHECKPOINT, legacy=LEGACY_STAGING)
-            + remove_stale_staging(run_dir, "model"))
+            + remove_stale_staging(run_dir, r"model|metrics\.jsonl"))
 
 
 def load_latest_checkpoint(run_dir: Path, optimizer_for, device, *, parallel
