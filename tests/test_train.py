@@ -384,3 +384,16 @@ def test_checkpoint_files_respect_the_umask(corpus, tmp_path):
     files = [p for p in run.rglob("*.safetensors")]
     assert len(files) >= 4  # checkpoint weights, optimizer, rng; model/
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}
+
+
+def test_a_checkpoint_that_does_not_load_is_moved_aside_not_counted(corpus, tmp_path):
+    """After falling back, the bad checkpoint is kept for inspection under a hidden name, so keep_last's
+    pruning never deletes the good checkpoint the run resumed from in its favour."""
+    run = tmp_path / "run"
+    train(recipe(corpus, run, max_steps=4, save_every=2, keep_last=2))
+    _truncate(run / "checkpoints" / "step-0000004" / "optimizer.safetensors")
+    with pytest.warns(UserWarning, match="falling back"):
+        train(recipe(corpus, run, max_steps=3, save_every=1, keep_last=2, resume=True))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[-2:] == ["step-0000002", "step-0000003"]
+    assert len(names) == 3 and names[0].startswith(".corrupt-step-0000004-")

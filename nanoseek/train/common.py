@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 
@@ -239,12 +241,19 @@ def load_latest_checkpoint(run_dir: Path, optimizer_for, device, *, parallel
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint to resume from")
     for i in range(len(found) - 1, -1, -1):
         try:
-            return (found[i], *load_checkpoint(found[i], optimizer_for, device, parallel=parallel))
+            loaded = load_checkpoint(found[i], optimizer_for, device, parallel=parallel)
         except CheckpointError as e:
             failures.append(str(e))
             if i > 0:
                 warnings.warn(f"checkpoint {found[i]} does not load ({e}); falling back to {found[i - 1]}",
                               stacklevel=2)
+            continue
+        if parallel.is_main:  # keep the bad ones for inspection, out of keep_last's count and the resume order
+            for bad in found[i + 1:]:
+                aside = bad.with_name(f".corrupt-{bad.name}-{uuid.uuid4().hex[:8]}")
+                os.replace(bad, aside)
+                warnings.warn(f"checkpoint {bad} moved aside to {aside.name}", stacklevel=2)
+        return (found[i], *loaded)
     raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} loads: " + "; ".join(reversed(failures)))
 
 
