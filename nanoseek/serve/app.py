@@ -124,6 +124,6 @@ class _Api:
             refusal = self.policy.check_input("\n".join(prepared.texts), source="serve", request_id=rid)
         if refusal is not None:
             return refused(answer, refusal, len(prepared.prompts), body.stream)
-        answer.echo = prepared.echo
+        answer.take(prepared, self.tokenizer)
         run = Run(self.scheduler, self.policy, self.tokenizer.end_think_id, self.config.keepalive_s, answer)
         return await run.start(prepared.prompts, sampling(body, prepared), request, body.stream)
