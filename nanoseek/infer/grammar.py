@@ -2,7 +2,8 @@
 with llguidance's token bitmask.
 
 The grammar applies to the answer only: with a reasoning model the tokens up to and including
-`</think>` (the tokenizer's END_THINK id) are free, and the mask applies from the next token on. The
+`</think>` (the tokenizer's END_THINK id) are free but for EOS (an output may not end before the answer
+the grammar requires), and the mask applies from the next token on. The
 answer may start with up to 4 whitespace characters (the chat template puts a blank line after
 `</think>`; the reasoning split drops it), then one JSON value the schema accepts, then end-of-sentence:
 llguidance allows the EOS id only where the grammar accepts, and only EOS once the value is complete.
@@ -68,8 +69,18 @@ class Grammar:
     def __init__(self, tokenizer: GrammarTokenizer, lark: str, start_after: int | None):
         self.tokenizer, self.lark, self.start_after = tokenizer, lark, start_after
 
+        self._free: torch.Tensor | None = None
+
     def constraint(self) -> "Constraint":
         return Constraint(self)
+
+    def free_mask(self, device) -> torch.Tensor:
+        """Every token but EOS (shared by the requests of this grammar; never written to)."""
+        if self._free is None or self._free.device != torch.device(device):
+            free = torch.ones(self.tokenizer.vocab_size, dtype=torch.bool, device=device)
+            free[self.tokenizer.eos_id] = False
+            self._free = free
+        return self._free
 
 
 class Constraint:
@@ -90,10 +101,11 @@ class Constraint:
             raise GrammarError(_first_line(self.matcher.get_error()))
         self.active = True
 
-    def mask(self, device) -> torch.Tensor | None:
-        """(vocab,) bool, True where a token may come next; None while the output is still free."""
+    def mask(self, device) -> torch.Tensor:
+        """(vocab,) bool, True where a token may come next. Before the start token every token but EOS
+        may (the reasoning is free, but must end before the answer the grammar requires)."""
         if not self.active:
-            return None
+            return self.grammar.free_mask(device)
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: self.grammar.tokenizer.vocab_size].astype(bool)
         if not allowed.any():  # a matcher in an error state: only EOS, so the request ends
