@@ -138,3 +138,24 @@ def test_response_format_with_tools_is_refused(served):
         "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
         "tools": tools}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_speculative_decoding_keeps_the_grammar_and_the_greedy_tokens(toy):
+    """The toy model (it memorized its replies) reasons as it learned to, then answers in the schema;
+    MTP drafts are verified against the masked logits, so greedy tokens equal plain decoding's."""
+    from nanoseek import load_model
+    from nanoseek.infer.text import ReasoningSplitter
+    from toy import CONVERSATIONS
+    model, tok = load_model(toy).eval(), load_tokenizer(toy)
+    grammar = GrammarTokenizer(tok.tokenizer_json(), model.config.vocab_size,
+                               tok.eos_ids[0]).json_grammar(SCHEMA, start_after=tok.end_think_id)
+    prompts = [tok.chat_prompt([{"role": "user", "content": q}])[0] for q, _, _ in CONVERSATIONS[:3]]
+    params = SamplingParams(max_tokens=100, grammar=grammar)
+    runs = [Engine(model, tok, max_batch=4, speculative=s).generate(prompts, params) for s in (False, True)]
+    for plain, spec, (_, thought, _) in zip(*runs, CONVERSATIONS):
+        assert plain.output_ids == spec.output_ids and plain.finish_reason == "stop"
+        splitter = ReasoningSplitter(thinking=True)
+        reasoning, content = splitter.push(plain.text)
+        r2, c2 = splitter.flush()
+        assert reasoning + r2 == thought
+        jsonschema.validate(json.loads(content + c2), SCHEMA)
