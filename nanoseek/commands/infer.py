@@ -74,8 +74,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else none); "
+                        "printable ASCII without spaces")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-waiting", type=int, default=64,
@@ -88,7 +89,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-messages", type=int, default=256, help="most messages per chat request (default 256)")
     p.add_argument("--max-n", type=int, default=8, help="most choices per request (default 8)")
     p.add_argument("--rate-limit", type=int, default=0, metavar="RPM",
-                   help="requests per minute per client (API key or address); 0: unlimited (default)")
+                   help="requests per minute per client address; 0: unlimited (default)")
+    p.add_argument("--auth-failure-limit", type=int, default=30, metavar="RPM",
+                   help="requests with a wrong API key per minute per client address before it gets 429 "
+                        "(default 30; 0: unlimited)")
+    p.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="reverse proxies (comma-separated IPs or networks) whose X-Forwarded-For names the "
+                        "client; default: none, the client is the connection's peer")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step, so long prompts don't stall decoding (default 512)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -103,11 +110,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..infer.scheduler import Scheduler
-    from ..serve import Policy, ServerConfig, create_app, load_engine
+    from ..serve import Policy, ServerConfig, create_app, load_engine, uvicorn_options
+    from ..serve.config import api_key_problem
+    source = "--api-key" if args.api_key is not None else "$NANOSEEK_API_KEY"
+    key = args.api_key if args.api_key is not None else os.environ.get("NANOSEEK_API_KEY")
+    if key is not None and api_key_problem(key):  # it would start, then answer every client 401
+        raise NanoseekError(f"{source} {api_key_problem(key)}: no client could send it "
+                            "(give a key of printable ASCII without spaces, or none)")
     for name in ("max_batch", "max_waiting", "default_max_tokens", "max_body_bytes", "max_messages", "max_n",
                  "prefill_chunk"):
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("rate_limit", "auth_failure_limit"):
+        if getattr(args, name) < 0:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
@@ -115,10 +131,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, tokenizer = load_engine(args.path, max_batch=args.max_batch, max_model_len=args.max_model_len,
                                     speculative=args.speculative, prefill_chunk=args.prefill_chunk,
                                     device=args.device, dtype=getattr(torch, dtype) if dtype else None)
-    config = ServerConfig(model_name=args.served_model_name or args.path.resolve().name, api_key=args.api_key,
+    config = ServerConfig(model_name=args.served_model_name or args.path.resolve().name, api_key=key,
                           max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-                          default_max_tokens=args.default_max_tokens, max_n=args.max_n, rate_limit=args.rate_limit)
+                          default_max_tokens=args.default_max_tokens, max_n=args.max_n, rate_limit=args.rate_limit,
+                          auth_failure_limit=args.auth_failure_limit)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     scheduler = Scheduler(engine, max_waiting=args.max_waiting)
     app = create_app(scheduler, tokenizer, config, policy)
@@ -126,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{', speculative' if args.speculative else ''}{', policy ' + str(args.policy) if policy else ''}) "
           f"on http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    **uvicorn_options(args.forwarded_allow_ips))
     finally:
         scheduler.shutdown()
     return EXIT_OK

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .access import uvicorn_options
 from .app import create_app
 from .config import ServerConfig
 from .policy import Decision, Policy, PolicyError
 from .wire import APIError
 
 __all__ = ["APIError", "ServerConfig", "create_app", "Decision", "Policy", "PolicyError", "load_engine",
-           "build_app"]
+           "build_app", "uvicorn_options"]
 
 
 def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | None = None,

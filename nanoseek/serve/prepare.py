@@ -1,19 +1,37 @@
 """Request body -> what the engine runs: the parameter checks both endpoints share, the prompt of chat
-messages or of completion prompts, the max_tokens budget, and one SamplingParams per choice."""
+messages or of completion prompts, the max_tokens budget, and one SamplingParams per choice.
+
+`Preparer.screen` makes the cheap checks (fields we do not honour, invalid Unicode, a prompt that is
+certainly too long, more choices than the server can ever run) on the event loop; `chat` and
+`completion` tokenize, which the app runs in a worker thread."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from ..errors import DataError
 from ..infer.grammar import Grammar, GrammarError, GrammarTokenizer
 from ..infer.sampling import MAX_LOGPROBS, SamplingParams
 from ..infer.text import ChatTokenizer
-from .config import ServerConfig
 from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+from .config import ServerConfig
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tools import tool_call_lark
 from .wire import APIError
+
+# Fields of the OpenAI API this server does not honour: a request giving one any value but null or the
+# value that asks for nothing (NEUTRAL) gets a 400 naming it. Unknown fields are refused the same way.
+# (logprobs, top_logprobs, response_format, tools, tool_choice and parallel_tool_calls are honoured.)
+UNSUPPORTED = ("functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+               "suffix", "store", "metadata", "modalities", "audio", "prediction", "service_tier",
+               "reasoning_effort", "web_search_options")
+NEUTRAL = {"functions": ([],), "logit_bias": ({},),
+           "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,), "store": (False,),
+           "modalities": (["text"],), "service_tier": ("auto", "default")}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -24,7 +42,7 @@ class Prepared:
     max_tokens: int
     stops: tuple[str, ...]
     prompt_tokens: int  # usage: the distinct prompts' tokens
-    texts: list[str]  # the user's text, for the policy's input rules
+    texts: list[tuple[str, str]]  # (role, text) of each message or prompt, for the policy's input rules
     thinking: bool = False  # chat: the prompt opens a reasoning block
     echo: list[str] | None = None  # completions with echo: each choice's prompt text
     logprobs: int | None = None  # report logprobs with this many alternatives (None: no logprobs)
@@ -40,21 +58,30 @@ class ToolUse:
 class Preparer:
     """Turns validated bodies into Prepared requests under the server's limits (raises APIError)."""
 
-    def __init__(self, tokenizer: ChatTokenizer, config: ServerConfig, context: int, vocab_size: int):
+    def __init__(self, tokenizer: ChatTokenizer, config: ServerConfig, context: int, vocab_size: int,
+                 capacity: int):
         self.tokenizer, self.config, self.context, self.vocab_size = tokenizer, config, context, vocab_size
         self.max_prompt = min(config.max_prompt_tokens or context - 1, context - 1)
         self.max_tokens = min(config.max_tokens_limit or context, context)
-        self._grammars: GrammarTokenizer | None = None
+        self._grammars: GrammarTokenizer | None = None  # llguidance's tokenizer, built on first use
+        self.capacity = capacity
+        # no token is longer than this (UTF-8 bytes, + 1 for a decoder's dropped leading space), and a
+        # character is at least a byte: more characters than this (x 2 for normalizers) cannot fit
+        longest = max((len(tokenizer.decode([i]).encode("utf-8", "replace")) for i in range(tokenizer.vocab_size)),
+                      default=1)
+        self.max_prompt_chars = 2 * self.max_prompt * (longest + 1)
 
     def chat(self, body: ChatCompletionRequest) -> Prepared:
-        stops = self.check_fields(body)
+        """Tokenize a screened chat request (slow for long prompts: run it off the event loop)."""
+        stops = self.stops(body)
         logprobs = self.chat_logprobs(body)
-        if len(body.messages) > self.config.max_messages:
-            raise APIError(400, f"Too many messages: {len(body.messages)} (at most {self.config.max_messages}).",
-                           param="messages", code="invalid_value")
         tools, choice = self.tool_choice(body)
         messages = []
-        for m in body.messages:
+        for i, m in enumerate(body.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"Invalid 'messages.{i}.tool_calls': only assistant messages call tools "
+                               f"(this one is {m.role}).",
+                               param=f"messages.{i}.tool_calls", code="invalid_value")
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.role == "assistant" and m.reasoning_content:
                 msg["reasoning_content"] = m.reasoning_content
@@ -78,7 +105,7 @@ class Preparer:
                                  self.config.default_max_tokens)
         grammar = self.answer_grammar(body, tools, choice, thinking)
         return Prepared([prompt] * body.n, max_tokens, stops, len(prompt),
-                        [m["content"] for m in messages if m["role"] == "user"], thinking, logprobs=logprobs,
+                        [(m["role"], m["content"]) for m in messages], thinking, logprobs=logprobs,
                         grammar=grammar, tools=ToolUse(body.parallel_tool_calls is not False) if tools else None)
 
     # ---- logprobs -------------------------------------------------------------------------------
@@ -162,7 +189,7 @@ class Preparer:
             if fmt.type == "json_object":
                 return grammars.json_grammar(None, start_after)
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise APIError(400, "response_format 'json_schema' needs 'json_schema': {'name', 'schema'}.",
+                raise APIError(400, "Missing 'response_format.json_schema' ({'name', 'schema'}) for type 'json_schema'.",
                                param="response_format.json_schema", code="invalid_value")
             return grammars.json_grammar(fmt.json_schema.schema_, start_after)
         except GrammarError as e:
@@ -184,20 +211,57 @@ class Preparer:
         return self._grammars
 
     def completion(self, body: CompletionRequest) -> Prepared:
-        stops = self.check_fields(body)
+        """Tokenize a screened completion request (slow for long prompts: run it off the event loop)."""
+        stops = self.stops(body)
         logprobs = self.completion_logprobs(body)
         prompts, texts = self.completion_prompts(body.prompt)
         lengths = [len(p) for p in prompts]
         max_tokens = min(self.budget(P, body.max_tokens, 16) for P in lengths)  # raises for any prompt too long
         per_choice = [(p, text) for p, text in zip(prompts, texts) for _ in range(body.n)]
-        return Prepared([p for p, _ in per_choice], max_tokens, stops, sum(lengths), texts,
+        return Prepared([p for p, _ in per_choice], max_tokens, stops, sum(lengths), [("user", t) for t in texts],
                         echo=[text for _, text in per_choice] if body.echo else None, logprobs=logprobs)
 
-    def check_fields(self, body: SamplingFields) -> tuple[str, ...]:
-        """The checks both endpoints share; -> the stop strings."""
+    # ---- cheap checks, on the event loop ----------------------------------------------------------
+    def screen(self, body: SamplingFields) -> None:
+        """Refuse (400) what no amount of work could serve, before anything is tokenized."""
+        unhonoured(body)
+        field = bad_unicode(body)
+        if field is not None:
+            raise APIError(400, f"Invalid value for '{field}': the text has a lone surrogate (invalid Unicode).",
+                           param=field, code="invalid_value")
         if body.n > self.config.max_n:
             raise APIError(422, f"'n' must be at most {self.config.max_n} (got {body.n}).", param="n",
                            code="invalid_value")
+        self.stops(body)
+        if isinstance(body, ChatCompletionRequest):
+            if len(body.messages) > self.config.max_messages:
+                raise APIError(400, f"Too many messages: {len(body.messages)} (at most {self.config.max_messages}).",
+                               param="messages", code="invalid_value")
+            self._not_too_long(sum(len(m.text()) + len(m.reasoning_content or "") for m in body.messages),
+                               "messages")
+            sequences = body.n
+        else:
+            prompts = [body.prompt] if isinstance(body.prompt, str) or not body.prompt or \
+                isinstance(body.prompt[0], int) else body.prompt
+            for p in prompts:
+                if isinstance(p, str):
+                    self._not_too_long(len(p), "prompt")
+            sequences = len(prompts) * body.n
+        if sequences > self.capacity:
+            raise APIError(400, f"This request needs {sequences} sequences at once (prompts x n) but this server "
+                           f"runs at most {self.capacity}; it can never be served. Send fewer prompts or a "
+                           "smaller 'n'.", param="n", code="invalid_value")
+
+    def _not_too_long(self, chars: int, param: str):
+        """400 for text so long that even the longest tokens could not fit it in max_prompt tokens."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                           f"request has {chars} characters of input, more than {self.max_prompt} tokens can "
+                           "hold. Please reduce the length of the input.", param=param,
+                           code="context_length_exceeded")
+
+    def stops(self, body: SamplingFields) -> tuple[str, ...]:
+        """The stop strings (422 beyond 16 or for an empty or long one)."""
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stops) > 16 or any(not s or len(s) > 256 for s in stops):
             raise APIError(422, "'stop' takes at most 16 non-empty strings of at most 256 characters.",
@@ -248,6 +312,57 @@ class Preparer:
                 raise APIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
             ids.append(p)
         return ids, texts
+
+
+def unhonoured(body: BaseModel, where: str = "") -> None:
+    """400 naming the first field the server does not honour: one in UNSUPPORTED set to anything but
+    null or its NEUTRAL value, or an unknown field that is not null (also inside messages)."""
+    for name in UNSUPPORTED:
+        value = getattr(body, name, None) if name in type(body).model_fields else (body.model_extra or {}).get(name)
+        if value is not None and not _neutral(value, NEUTRAL.get(name, ())):
+            raise APIError(400, f"'{where}{name}' is not supported by this server.", param=where + name,
+                           code="unsupported_parameter")
+    for name, value in (body.model_extra or {}).items():
+        if value is not None and name not in UNSUPPORTED:
+            raise APIError(400, f"Unrecognized request argument supplied: '{where}{name}'.", param=where + name,
+                           code="unknown_parameter")
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            unhonoured(value, f"{where}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    unhonoured(item, f"{where}{name}.{i}.")
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    """value asks for nothing (0.0 counts as 0, True does not count as 1)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+
+
+def bad_unicode(body: BaseModel) -> str | None:
+    """The dotted name of the first string in `body` holding a lone surrogate (JSON's "\\ud800"),
+    which no tokenizer or response can encode; None if all are valid."""
+    def walk(value, path):
+        if isinstance(value, str):
+            return path if _SURROGATE.search(value) else None
+        if isinstance(value, BaseModel):
+            items = [(k, getattr(value, k)) for k in type(value).model_fields] + list((value.model_extra or {}).items())
+        elif isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = list(enumerate(value))
+        else:
+            return None
+        for k, v in items:
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or "body"  # (a bad key itself is not named: it cannot be written back)
+            found = walk(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+        return None
+    return walk(body, "")
 
 
 def sampling(body: SamplingFields, prepared: Prepared) -> list[SamplingParams]:

@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI / DeepSeek API as pydantic models (they make the server's OpenAPI
 schema), and the per-choice output pipeline shared by the server and the terminal chat.
 
-Unknown fields are ignored (clients send many optional ones); known fields are type-checked and
-range-checked. logprobs, response_format and tools are honoured (prepare.py); fields nanoseek cannot
-honour are refused with a clear message rather than silently ignored.
+Known fields are type-checked and range-checked. Every other field is kept (extra="allow") so that
+prepare.py can refuse it by name: a field the server does not honour is a 400, never silently
+ignored (a null value is accepted, as clients send many optional fields as null). logprobs,
+response_format and tools / tool_choice are honoured (prepare.py).
 """
 
 from __future__ import annotations
@@ -23,27 +24,27 @@ Float = Field(default=None, allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
 
 
 class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     name: str
     arguments: str
 
 
 class ToolCall(BaseModel):
     """A tool call of an earlier assistant turn (as the API returned it)."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     id: Optional[str] = None
     type: Literal["function"] = "function"
     function: CalledFunction
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     reasoning_content: Optional[str] = None
@@ -60,12 +61,12 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -88,7 +89,7 @@ class SamplingFields(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     name: str = Field(default="response", max_length=64)
     description: Optional[str] = None
     schema_: Optional[dict] = Field(default=None, alias="schema")
@@ -97,13 +98,13 @@ class JsonSchemaFormat(BaseModel):
 
 class ResponseFormat(BaseModel):
     """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {...}}`."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: Optional[str] = None
     parameters: Optional[dict] = None
@@ -111,18 +112,18 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: NamedFunction
 

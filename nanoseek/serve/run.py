@@ -5,6 +5,7 @@ refused input, the refusal without running the model."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull, Scheduler, SchedulerClosed
 from .answer import Answer
+from .metrics import Metrics
 from .policy import Decision, Policy
 from .protocol import ChoiceStream, Delta
 from .wire import SSE_KEEPALIVE, APIError, sse_event, sse_response
@@ -21,10 +23,14 @@ class Run:
     """The engine requests of one answer's choices; start() answers with JSON or an SSE stream."""
 
     def __init__(self, scheduler: Scheduler, policy: Policy | None, end_think_id: int | None, keepalive_s: float,
-                 answer: Answer):
+                 answer: Answer, metrics: Metrics | None = None, started: float | None = None,
+                 endpoint: str = ""):
         self.scheduler, self.policy, self.end_think_id, self.keepalive_s = scheduler, policy, end_think_id, keepalive_s
         self.answer = answer
         self.choices = answer.choices
+        self.metrics, self.endpoint = metrics, endpoint
+        self.started = time.monotonic() if started is None else started  # for the time to first token
+        self.first_token_seen = False
 
     # ---- starting -------------------------------------------------------------------------------
     async def start(self, prompts: list[list[int]], params: list[SamplingParams], request: Request, stream: bool):
@@ -71,8 +77,14 @@ class Run:
                 self._cancel_open()
                 self.open.clear()
                 raise APIError(500, out.error or "generation failed", type="server_error")
+            if out.token_ids and not self.first_token_seen and self.metrics is not None:
+                self.first_token_seen = True
+                self.metrics.first_token(self.endpoint, time.monotonic() - self.started)
             delta = self.choices[index].feed(out)
             delta.audit(self.policy, source="serve", request_id=self.answer.rid)
+            if self.metrics is not None:
+                for decision in delta.flags + ([delta.refusal] if delta.refusal is not None else []):
+                    self.metrics.policy(decision)
             if delta.refusal is not None and not out.finished:
                 self.scheduler.cancel(self.ids[index])
             if delta.finished:
