@@ -173,11 +173,11 @@ class Decoder:
         if not special:
             return self.sample_rows(reqs, logits)
         raw = logits
-        for i in special:
-            masked = self.constrained(reqs[i], logits[i])
-            if masked is not logits[i]:
-                logits = logits.clone() if logits is raw else logits
-                logits[i] = masked
+        constrained = [i for i in special if reqs[i].constraint is not None]
+        if constrained:
+            logits = logits.clone()  # the raw logits stay for the logprobs
+            for i in constrained:
+                logits[i] = self.constrained(reqs[i], raw[i])
         tokens = self.sample_rows(reqs, logits)
         for i in special:
             self.record(reqs[i], raw[i], tokens[i])
