@@ -170,3 +170,16 @@ def test_out_of_range_logprobs_get_400(served, path, body, param):
     r = httpx.post(f"{served.url}/v1/{path}", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_token_bytes_of_byte_level_and_other_tokenizers(toy):
+    from nanoseek.infer.text import ChatTokenizer
+    tok = load_tokenizer(toy)
+    assert tok.byte_level
+    ids = tok.encode("ça 你好 <think>")
+    assert b"".join(tok.token_bytes(i) for i in ids) == "ça 你好 <think>".encode()
+    assert tok.token_bytes(tok.end_think_id) == b"</think>"  # a special token: its text
+    # a sentencepiece-style tokenizer: token strings like <0xE4> are not bytes; the token is decoded alone
+    other = ChatTokenizer(None, lambda ids: "é", None, (1,), 10, None, "other", id_to_token=lambda i: "<0xC3>",
+                          backend_json=lambda: '{"decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}]}}')
+    assert not other.byte_level and other.token_bytes(3) == "é".encode()

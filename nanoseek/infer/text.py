@@ -7,6 +7,8 @@ until the next tokens say what it is.
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -163,6 +165,16 @@ def _byte_level_alphabet() -> dict[str, int]:
 _UNICODE_TO_BYTE = _byte_level_alphabet()
 
 
+def _is_byte_level(tokenizer_json: str | None) -> bool:
+    """Whether a tokenizer.json decodes byte-level BPE pieces (its token strings then map to bytes);
+    other tokenizers' token bytes come from decoding the token alone."""
+    if tokenizer_json is None:
+        return False
+    decoder = json.loads(tokenizer_json).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+
 class ChatTokenizer:
     """What generation needs from a tokenizer: ids <-> text, the chat prompt, stop tokens.
 
@@ -188,13 +200,18 @@ class ChatTokenizer:
         BPE token's pieces mapped back to bytes; a special token's text."""
         cached = self._byte_cache.get(token)
         if cached is None:
-            piece = self._id_to_token(token) if self._id_to_token is not None else None
+            piece = self._id_to_token(token) if self._id_to_token is not None and self.byte_level else None
             if piece is None or token in self._special_ids or any(ch not in _UNICODE_TO_BYTE for ch in piece):
                 cached = self.decode([token]).encode("utf-8")
             else:
                 cached = bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
             self._byte_cache[token] = cached
         return cached
+
+    @functools.cached_property
+    def byte_level(self) -> bool:
+        """Whether token strings are byte-level BPE pieces (read from tokenizer.json on first use)."""
+        return _is_byte_level(self.tokenizer_json())
 
     def tokenizer_json(self) -> str | None:
         """tokenizer.json's text (what a grammar library reads), or None when there is none."""
