@@ -98,3 +98,13 @@ def test_any_hf_folder_with_its_own_chat_template(tmp_path, monkeypatch):
     assert not thinking and tok.decode(ids) == "<|user|>hello\n<|assistant|>"
     monkeypatch.setattr(sys, "stdin", io.StringIO("/max_tokens 4\nhello\n"))
     assert main(["chat", str(folder), "--no-color"]) == 0
+
+
+def test_chat_policy_reads_the_system_prompt_when_asked(engine, tmp_path):
+    rules = "rules:\n  - {name: cn, applies_to: input, keywords: [天安门], message: No.}\n"
+    (tmp_path / "p.yaml").write_text(rules + "input_roles: [user, system]\n", encoding="utf-8")
+    out, chat = talk(engine, ["hi"], policy=Policy.load(tmp_path / "p.yaml"), system="谈谈天安門")
+    assert "No.\n" in out and chat.history == []
+    (tmp_path / "p.yaml").write_text(rules, encoding="utf-8")  # default: user messages only
+    out, chat = talk(engine, ["hi"], policy=Policy.load(tmp_path / "p.yaml"), system="谈谈天安門")
+    assert "No.\n" not in out and len(chat.history) == 2

@@ -159,3 +159,10 @@ def test_speculative_decoding_keeps_the_grammar_and_the_greedy_tokens(toy):
         r2, c2 = splitter.flush()
         assert reasoning + r2 == thought
         jsonschema.validate(json.loads(content + c2), SCHEMA)
+
+
+def test_completions_refuse_response_format(served):
+    r = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert r.json()["error"]["code"] == "unsupported_parameter"

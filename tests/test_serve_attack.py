@@ -20,6 +20,7 @@ from test_serve import KEY, Server, user
 pytestmark = pytest.mark.usefixtures("one_thread")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 POLICY = """
+audit: audit.jsonl
 rules:
   - name: tiananmen
     keywords: [天安門]
@@ -38,6 +39,7 @@ def server(toy, tmp_path_factory):
     app, scheduler = build_app(toy, config=ServerConfig(model_name="toy", api_key=KEY),
                                policy=Policy.load(folder / "policy.yaml"), max_batch=16, max_waiting=64)
     s = Server(app, scheduler)
+    s.audit = folder / "audit.jsonl"
     yield s
     s.stop()
 
@@ -69,6 +71,19 @@ def post(server, path, body, client=httpx, **kw):
 def test_rate_limit_cannot_be_dodged_with_headers(server, limits, headers):
     codes = [httpx.get(server.url + "/v1/models", headers=headers(i)).status_code for i in range(12)]
     assert codes[:5] == [200] * 5 and set(codes[5:]) == {429}
+
+
+@pytest.mark.parametrize("argv, options", [
+    ([], {"proxy_headers": False}),
+    (["--forwarded-allow-ips", "10.0.0.1"], {"proxy_headers": True, "forwarded_allow_ips": "10.0.0.1"}),
+])
+def test_serve_believes_x_forwarded_for_only_from_named_proxies(toy, monkeypatch, argv, options):
+    import uvicorn
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setenv("NANOSEEK_API_KEY", "k-1")
+    assert cli.main(["serve", str(toy), *argv]) == 0
+    assert {k: v for k, v in calls[0].items() if k in ("proxy_headers", "forwarded_allow_ips")} == options
 
 
 def test_wrong_keys_are_throttled(server, limits):
@@ -174,15 +189,27 @@ def test_more_sequences_than_the_server_can_ever_run_is_a_400(server):
     ("frequency_penalty", -1, "frequency_penalty"),
     ("reasoning_effort", "high", "reasoning_effort"),
     ("some_new_field", 1, "some_new_field"),
-    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True},
+     "stream_options.continuous_usage_stats"),
     ("messages", [{"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}],
      "messages.0.tool_calls"),
     ("tools", [{"type": "function", "function": {"name": "f", "cache": True}}], "tools.0.function.cache"),
+    ("messages", [{"role": "user", "content": "hi", "name": "bob"}], "messages.0.name"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
+     "messages.0.content.0.cache_control"),
 ])
 def test_unhonoured_fields_get_a_400_naming_them(server, field, value, param):
     r = post(server, "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 2, field: value})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_unknown_fields_with_odd_names_are_refused_without_repeating_them(server):
+    for body in [b'{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}',
+                 json.dumps({"messages": user("hi"), "<script>" * 20: 1}).encode()]:
+        r = post(server, "/v1/chat/completions", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+        assert "script" not in r.text
 
 
 def test_unhonoured_fields_are_fine_when_they_ask_for_nothing(server):
@@ -226,9 +253,12 @@ def test_unknown_model_is_not_echoed(server):
 # ---- the policy in Chinese, end to end ---------------------------------------------------------------
 def test_chinese_policy_refuses_chinese_text_in_either_script(server):
     for text in ["我想了解天安门事件", "关于天安門", "天\u200b安门"]:
-        r = post(server, "/v1/chat/completions", {"messages": user(text)})
+        r = post(server, "/v1/chat/completions", {"messages": user(text), "user": "u-7"})
         choice = r.json()["choices"][0]
         assert (choice["finish_reason"], choice["message"]["content"]) == ("content_filter", "[policy]"), text
+    record = json.loads(server.audit.read_text(encoding="utf-8").splitlines()[-1])
+    assert (record["rule"], record["match"], record["user"], record["source"]) == \
+        ("tiananmen", "天安门", "u-7", "serve")
 
 
 # ---- /metrics ----------------------------------------------------------------------------------------
@@ -270,15 +300,17 @@ def test_64_concurrent_streaming_clients_all_complete(server):
     body = {"prompt": "the sea and the", "max_tokens": 16, "ignore_eos": True, "stream": True, "temperature": 0}
 
     async def one(client):
-        start, tokens, done = time.perf_counter(), 0, False
+        start, text, finish, done = time.perf_counter(), "", None, False
         async with client.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    tokens += 1
-        return done, time.perf_counter() - start
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+        return done, finish, text, time.perf_counter() - start
 
     async def run():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -288,7 +320,8 @@ def test_64_concurrent_streaming_clients_all_complete(server):
     start = time.perf_counter()
     results = asyncio.run(asyncio.wait_for(run(), 60))
     wall = time.perf_counter() - start
-    latencies = sorted(t for _, t in results)
-    assert all(done for done, _ in results) and len(results) == 64
+    latencies = sorted(t for *_, t in results)
+    assert len(results) == 64 and all(done and finish == "length" for done, finish, _, _ in results)
+    assert len({text for _, _, text, _ in results}) == 1  # greedy: every client got the whole same reply
     p95 = latencies[int(0.95 * len(latencies)) - 1]
     print(f"\n64 streaming clients: wall {wall:.2f} s, p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s")

@@ -185,3 +185,14 @@ def test_tool_requests_that_cannot_be_honoured_get_400(served, body, param):
                    json={"messages": [{"role": "user", "content": "x"}], **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param)
+
+
+def test_tool_result_may_carry_its_function_name_but_a_user_may_not(served):
+    messages = [{"role": "user", "content": "Weather in Rome?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"}]
+    r = httpx.post(served.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    messages[0]["name"] = "bob"
+    r = httpx.post(served.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.name"

@@ -33,7 +33,7 @@ from ..infer.text import ChatTokenizer
 from .access import BodyLimit, RateLimiter, authorize
 from .answer import Answer
 from .config import ServerConfig
-from .metrics import Metrics, MetricsMiddleware
+from .metrics import ARRIVAL, Metrics, MetricsMiddleware
 from .policy import Decision, Policy
 from .prepare import Prepared, Preparer, sampling
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -122,7 +122,7 @@ class _Api:
         """Screen the body on the loop, tokenize it and check the input rules in a worker thread (at most
         config.tokenizer_threads at once, so long prompts neither stall the loop nor pile up in memory),
         then refuse it under the policy or run the choices."""
-        started = time.monotonic()
+        started = request.scope.get(ARRIVAL, time.monotonic())
         self.check_model(body.model)
         self.prepare.screen(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}" if kind == "chat" else f"cmpl-{uuid.uuid4().hex}"
@@ -137,7 +137,7 @@ class _Api:
         answer.take(prepared, self.tokenizer)
         endpoint = request.scope.get("route").path if request.scope.get("route") else kind
         run = Run(self.scheduler, self.policy, self.tokenizer.end_think_id, self.config.keepalive_s, answer,
-                  metrics=self.metrics, started=started, endpoint=endpoint)
+                  metrics=self.metrics, started=started, endpoint=endpoint, audit=audit_context(rid, body))
         return await run.start(prepared.prompts, sampling(body, prepared), request, body.stream)
 
     def _prepare(self, kind: str, body: SamplingFields, rid: str) -> tuple[Prepared, Decision | None]:
@@ -145,8 +145,15 @@ class _Api:
         prepared = self.prepare.chat(body) if kind == "chat" else self.prepare.completion(body)
         if self.policy is None:
             return prepared, None
-        decisions = self.policy.check_input_all(self.policy.input_text(prepared.texts), source="serve",
-                                                request_id=rid)
+        decisions = self.policy.check_input_all(self.policy.input_text(prepared.texts), **audit_context(rid, body))
         for d in decisions:
             self.metrics.policy(d)
         return prepared, next((d for d in decisions if d.refuses), None)
+
+
+def audit_context(rid: str, body: SamplingFields) -> dict:
+    """What the policy's audit records say about a request: its id and the client's `user` id, if any."""
+    context = {"source": "serve", "request_id": rid}
+    if body.user:
+        context["user"] = body.user[:256]
+    return context

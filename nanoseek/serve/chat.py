@@ -94,7 +94,10 @@ class TerminalChat:
 
     def reply(self, text: str, out: TextIO) -> None:
         """Generate and stream one answer to `text`; the turn joins the history when it completes."""
-        refusal = self.policy.check_input(text, source="chat") if self.policy is not None else None
+        refusal = None
+        if self.policy is not None:  # the system prompt once, with the first line (assistant lines: output rules)
+            checked = ([("system", self.system)] if self.system and not self.history else []) + [("user", text)]
+            refusal = self.policy.check_input(self.policy.input_text(checked), source="chat")
         if refusal is not None:
             out.write(self._style(refusal.message, YELLOW) + "\n")
             return

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..infer.scheduler import Scheduler
 from .policy import Decision
 
+ARRIVAL = "nanoseek.arrival"  # scope key: time.monotonic() when the request arrived
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -89,6 +90,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.monotonic(), [500]
+        scope[ARRIVAL] = start  # the handlers time the first token from here
 
         async def send_and_see(message):
             if message["type"] == "http.response.start":

@@ -58,7 +58,8 @@ NON_SPACED = ("\u0e00-\u0fff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u1980-\u1aaf
 _NON_SPACED = re.compile(f"[{NON_SPACED}]")
 _SPACED_WORD = f"[^\\W{NON_SPACED}]"  # a letter, digit or _ of a spaced script
 # zero-width and invisible formatting characters that split a keyword without showing
-ZERO_WIDTH = "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufe00-\ufe0f\ufeff"
+ZERO_WIDTH = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+              "\u2060-\u206f\ufe00-\ufe0f\ufeff")
 _ZERO_WIDTH = re.compile(f"[{ZERO_WIDTH}]")
 
 
@@ -77,13 +78,15 @@ class _Fold(dict):
         super().__init__()
         import opencc
         self.t2s = opencc.OpenCC("t2s")
+        self.lock = threading.Lock()  # (the server folds text on its loop and in worker threads)
 
     def __missing__(self, code: int):
         c = chr(code)
         if _ZERO_WIDTH.match(c):
             value = None
         elif _NON_SPACED.match(c):
-            value = self.t2s.convert(c)
+            with self.lock:
+                value = self.t2s.convert(c)
         else:
             value = c
         if len(self) < self.LIMIT:

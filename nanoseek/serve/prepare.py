@@ -22,16 +22,21 @@ from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tools import tool_call_lark
 from .wire import APIError
 
-# Fields of the OpenAI API this server does not honour: a request giving one any value but null or the
-# value that asks for nothing (NEUTRAL) gets a 400 naming it. Unknown fields are refused the same way.
-# (logprobs, top_logprobs, response_format, tools, tool_choice and parallel_tool_calls are honoured.)
-UNSUPPORTED = ("functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+# Fields of the OpenAI API this server does not honour, at the top level or inside a message ("name":
+# the chat template has no place for a participant's name): a request giving one any value but null or
+# the value that asks for nothing (NEUTRAL) gets a 400 naming it. Unknown fields are refused the same way.
+# A request model lists in HONOURED the ones of these it does honour (chat: logprobs, response_format,
+# tools, ...; a function's "name"), so the same name can be refused elsewhere (completions, a message).
+UNSUPPORTED = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+               "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
                "suffix", "store", "metadata", "modalities", "audio", "prediction", "service_tier",
-               "reasoning_effort", "web_search_options")
-NEUTRAL = {"functions": ([],), "logit_bias": ({},),
+               "reasoning_effort", "web_search_options", "name")
+NEUTRAL = {"logprobs": (False, 0), "top_logprobs": (0,), "tool_choice": ("none",), "tools": ([],),
+           "functions": ([],), "response_format": ({"type": "text"},), "logit_bias": ({},),
            "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,), "store": (False,),
            "modalities": (["text"],), "service_tier": ("auto", "default")}
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NAME = re.compile("[A-Za-z0-9_-]{1,64}")  # an unknown field named like this is named back in the error
 
 
 @dataclass
@@ -317,13 +322,19 @@ class Preparer:
 def unhonoured(body: BaseModel, where: str = "") -> None:
     """400 naming the first field the server does not honour: one in UNSUPPORTED set to anything but
     null or its NEUTRAL value, or an unknown field that is not null (also inside messages)."""
+    honoured = getattr(body, "HONOURED", ())
     for name in UNSUPPORTED:
+        if name in honoured:
+            continue
         value = getattr(body, name, None) if name in type(body).model_fields else (body.model_extra or {}).get(name)
         if value is not None and not _neutral(value, NEUTRAL.get(name, ())):
             raise APIError(400, f"'{where}{name}' is not supported by this server.", param=where + name,
                            code="unsupported_parameter")
     for name, value in (body.model_extra or {}).items():
         if value is not None and name not in UNSUPPORTED:
+            if not _NAME.fullmatch(name):  # the client's text, not a field name: not repeated
+                raise APIError(400, f"Unrecognized request argument supplied{' in ' + where[:-1] if where else ''}.",
+                               param=where[:-1] or None, code="unknown_parameter")
             raise APIError(400, f"Unrecognized request argument supplied: '{where}{name}'.", param=where + name,
                            code="unknown_parameter")
     for name in type(body).model_fields:
@@ -346,7 +357,7 @@ def bad_unicode(body: BaseModel) -> str | None:
     which no tokenizer or response can encode; None if all are valid."""
     def walk(value, path):
         if isinstance(value, str):
-            return path if _SURROGATE.search(value) else None
+            return None if value.isascii() or not _SURROGATE.search(value) else path
         if isinstance(value, BaseModel):
             items = [(k, getattr(value, k)) for k in type(value).model_fields] + list((value.model_extra or {}).items())
         elif isinstance(value, dict):

@@ -10,7 +10,7 @@ response_format and tools / tool_choice are honoured (prepare.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,7 @@ class TextPart(BaseModel):
 
 class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
+    HONOURED: ClassVar[tuple] = ("name",)  # (prepare.UNSUPPORTED refuses a user's "name")
     name: str
     arguments: str
 
@@ -51,6 +52,12 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # assistant
     tool_call_id: Optional[str] = None  # tool
+
+    @property
+    def HONOURED(self) -> tuple:
+        """A tool result's `name` (its function's, as older clients send it) is accepted; it says nothing
+        the template needs. Other messages' `name` (a participant's) is refused."""
+        return ("name",) if self.role == "tool" else ()
 
     def text(self) -> str:
         if self.content is None:
@@ -90,6 +97,7 @@ class SamplingFields(BaseModel):
 
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
+    HONOURED: ClassVar[tuple] = ("name",)  # (prepare.UNSUPPORTED refuses a user's "name")
     name: str = Field(default="response", max_length=64)
     description: Optional[str] = None
     schema_: Optional[dict] = Field(default=None, alias="schema")
@@ -105,6 +113,7 @@ class ResponseFormat(BaseModel):
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
+    HONOURED: ClassVar[tuple] = ("name",)  # (prepare.UNSUPPORTED refuses a user's "name")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: Optional[str] = None
     parameters: Optional[dict] = None
@@ -119,6 +128,7 @@ class Tool(BaseModel):
 
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
+    HONOURED: ClassVar[tuple] = ("name",)  # (prepare.UNSUPPORTED refuses a user's "name")
     name: str
 
 
@@ -130,6 +140,8 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
+    HONOURED: ClassVar[tuple] = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+                                 "parallel_tool_calls")
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = None
@@ -142,6 +154,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions: prompt is a string, a list of strings, token ids or lists of token ids."""
+    HONOURED: ClassVar[tuple] = ("logprobs",)
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     logprobs: Optional[int] = None  # 0..20 alternatives per token, checked in prepare (400)

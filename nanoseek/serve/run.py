@@ -24,13 +24,14 @@ class Run:
 
     def __init__(self, scheduler: Scheduler, policy: Policy | None, end_think_id: int | None, keepalive_s: float,
                  answer: Answer, metrics: Metrics | None = None, started: float | None = None,
-                 endpoint: str = ""):
+                 endpoint: str = "", audit: dict | None = None):
         self.scheduler, self.policy, self.end_think_id, self.keepalive_s = scheduler, policy, end_think_id, keepalive_s
         self.answer = answer
         self.choices = answer.choices
         self.metrics, self.endpoint = metrics, endpoint
         self.started = time.monotonic() if started is None else started  # for the time to first token
         self.first_token_seen = False
+        self.audit = audit or {"source": "serve", "request_id": answer.rid}  # context of audit records
 
     # ---- starting -------------------------------------------------------------------------------
     async def start(self, prompts: list[list[int]], params: list[SamplingParams], request: Request, stream: bool):
@@ -81,7 +82,7 @@ class Run:
                 self.first_token_seen = True
                 self.metrics.first_token(self.endpoint, time.monotonic() - self.started)
             delta = self.choices[index].feed(out)
-            delta.audit(self.policy, source="serve", request_id=self.answer.rid)
+            delta.audit(self.policy, **self.audit)
             if self.metrics is not None:
                 for decision in delta.flags + ([delta.refusal] if delta.refusal is not None else []):
                     self.metrics.policy(decision)
