@@ -1,7 +1,8 @@
 """tools / tool_choice in DeepSeek-V3's format: the tools and earlier calls and results rendered into
 the prompt, tool calls parsed out of the answer (streamed as delta.tool_calls) with finish_reason
 "tool_calls", tool_choice "required" or a named function enforced by constrained decoding (shown with
-a random model), and clear 400s for what cannot be honoured."""
+a random model), "auto" calls held to the tools' schemas by a lazy grammar, and clear 400s for what
+cannot be honoured."""
 
 import json
 
@@ -196,3 +197,35 @@ def test_tool_result_may_carry_its_function_name_but_a_user_may_not(served):
     messages[0]["name"] = "bob"
     r = httpx.post(served.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.name"
+
+
+def test_auto_tool_grammar_is_lazy(toy):
+    """Under tool_choice "auto" the answer is free text (end-of-sentence included) until it writes
+    <｜tool▁calls▁begin｜>; from there on the calls must name an offered function and give arguments
+    its parameters accept."""
+    from nanoseek.infer.grammar import GrammarTokenizer
+    from nanoseek.serve.tools import tool_call_lark
+    tok = load_tokenizer(toy)
+    eos = tok.eos_ids[0]
+    grammars = GrammarTokenizer(tok.tokenizer_json(), tok.vocab_size, eos)
+    grammar = grammars.lark_grammar(tool_call_lark(TOOLS), tok.end_think_id).lazy(TOOL_CALLS_BEGIN)
+    free = grammar.constraint()
+    for t in tok.encode("Hmm.</think>\n\nIt is sunny."):
+        assert free.mask("cpu") is None  # reasoning and a text answer: nothing is masked, EOS allowed
+        free.advance(t)
+    assert free.mask("cpu") is None
+    c = grammar.constraint()
+    call = TOOL_CALLS_BEGIN + render_tool_call("get_weather", '{"city":"Paris","unit":"C"}') + TOOL_CALLS_END
+    for t in tok.encode("Hmm.</think>\n\nLet me look. "):
+        c.advance(t)
+    for k, t in enumerate(tok.encode(call)):
+        mask = c.mask("cpu")
+        assert mask is None or mask[t], f"token {k} of a valid call was masked"
+        c.advance(t)
+    mask = c.mask("cpu")
+    assert mask[eos] and int(mask.sum()) == 1  # the calls block is complete: only the end
+    bad = grammar.constraint()
+    for t in tok.encode("Hmm.</think>\n\n" + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP):
+        bad.advance(t)
+    mask = bad.mask("cpu")
+    assert mask[tok.encode("g")[0]] and not mask[tok.encode("x")[0]] and not mask[eos]  # offered names only

@@ -184,10 +184,9 @@ class Decoder:
         return tokens
 
     def constrained(self, req: Request, logits: torch.Tensor) -> torch.Tensor:
-        """logits (V,) with the tokens the request's grammar forbids at -inf (the same tensor without one)."""
-        if req.constraint is None:
-            return logits
-        return logits.masked_fill(~req.constraint.mask(logits.device), float("-inf"))
+        """logits (V,) with the tokens the request's grammar forbids at -inf (the same tensor when free)."""
+        mask = req.constraint.mask(logits.device) if req.constraint is not None else None
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
 
     def record(self, req: Request, logits: torch.Tensor, token: int):
         """The request sampled `token` from raw logits (V,): advance its grammar, keep its logprobs."""

@@ -64,12 +64,22 @@ def json_rule(schema: dict) -> str:
 
 
 class Grammar:
-    """A compiled grammar; `constraint()` starts one request's matcher."""
+    """A compiled grammar; `constraint()` starts one request's matcher.
 
-    def __init__(self, tokenizer: GrammarTokenizer, lark: str, start_after: int | None):
+    start_after: the token id after which the grammar applies (None: from the first token); until then
+    every token but EOS may come. trigger (a lazy grammar, for text that may or may not contain a
+    structured part): after `start_after`, the output is free (EOS included) until its bytes contain
+    `trigger`; the grammar, which must itself start with the trigger's text, then applies from the
+    trigger on."""
+
+    def __init__(self, tokenizer: GrammarTokenizer, lark: str, start_after: int | None, trigger: str | None = None):
         self.tokenizer, self.lark, self.start_after = tokenizer, lark, start_after
-
+        self.trigger = trigger.encode("utf-8") if trigger else None
         self._free: torch.Tensor | None = None
+
+    def lazy(self, trigger: str) -> "Grammar":
+        """This grammar, applied only from the first occurrence of `trigger` in the output on."""
+        return Grammar(self.tokenizer, self.lark, self.start_after, trigger)
 
     def constraint(self) -> "Constraint":
         return Constraint(self)
@@ -84,28 +94,48 @@ class Grammar:
 
 
 class Constraint:
-    """One request's grammar state. Free until `start_after` is generated; then `mask()` says which
-    tokens may come next and `advance(token)` moves the matcher on."""
+    """One request's grammar state: "before" (until `start_after`), "watching" (a lazy grammar before
+    its trigger), "active". `mask()` says which tokens may come next (None: any), `advance(token)`
+    moves the state on."""
 
     def __init__(self, grammar: Grammar):
         self.grammar = grammar
-        self.active = grammar.start_after is None
         self.matcher = None
-        if self.active:
-            self._start()
+        self.state = "before"
+        self.seen = b""  # watching: the output's last bytes (a trigger may span tokens)
+        if grammar.start_after is None:
+            self._started()
 
-    def _start(self):
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
+
+    def _started(self):
+        """`start_after` came: the grammar applies now, or once its trigger shows."""
+        if self.grammar.trigger is None:
+            self._start()
+        else:
+            self.state = "watching"
+
+    def _start(self, prefix: bytes = b""):
+        """Start the matcher; `prefix`: output bytes it must consume first (the trigger and what
+        followed it in the token that completed it)."""
         g = self.grammar
         self.matcher = g.tokenizer.llg.LLMatcher(g.tokenizer.tokenizer, g.lark, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(_first_line(self.matcher.get_error()))
-        self.active = True
+        self.state = "active"
+        if prefix:  # any tokenization of these bytes will do: the matcher checks bytes against the grammar
+            self.matcher.consume_tokens(g.tokenizer.tokenizer.tokenize_bytes(prefix))
 
-    def mask(self, device) -> torch.Tensor:
-        """(vocab,) bool, True where a token may come next. Before the start token every token but EOS
-        may (the reasoning is free, but must end before the answer the grammar requires)."""
-        if not self.active:
-            return self.grammar.free_mask(device)
+    def mask(self, device) -> torch.Tensor | None:
+        """(vocab,) bool, True where a token may come next; None when any token may. Before the start
+        token every token but EOS may (the reasoning is free, but must end before the answer the grammar
+        requires); a lazy grammar watching for its trigger allows everything."""
+        if self.state == "watching":
+            return None
+        if self.state == "before":
+            return self.grammar.free_mask(device) if self.grammar.trigger is None else None
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: self.grammar.tokenizer.vocab_size].astype(bool)
         if not allowed.any():  # a matcher in an error state: only EOS, so the request ends
@@ -113,11 +143,19 @@ class Constraint:
         return torch.from_numpy(allowed).to(device)
 
     def advance(self, token: int):
-        if not self.active:
+        if self.state == "before":
             if token == self.grammar.start_after:
-                self._start()
-            return
-        self.matcher.consume_token(token)
+                self._started()
+        elif self.state == "watching":
+            trigger = self.grammar.trigger
+            self.seen += self.grammar.tokenizer.tokenizer.decode_bytes([token])
+            at = self.seen.find(trigger)
+            if at >= 0:
+                self._start(self.seen[at:])
+            else:
+                self.seen = self.seen[-(len(trigger) - 1):]
+        else:
+            self.matcher.consume_token(token)
 
     @property
     def accepting(self) -> bool:

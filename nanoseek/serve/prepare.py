@@ -164,7 +164,9 @@ class Preparer:
     def answer_grammar(self, body: ChatCompletionRequest, tools: list[dict] | None, choice: str | None,
                        thinking: bool) -> Grammar | None:
         """The grammar the answer (after the reasoning) must follow: response_format's JSON, or tool
-        calls when tool_choice is "required" or names a function; None when the answer is free."""
+        calls when tool_choice is "required" or names a function; under "auto" a lazy grammar that lets
+        the answer be text but makes any calls block it starts follow the tools' schemas; None when the
+        answer is free."""
         fmt = body.response_format
         json_answer = fmt is not None and fmt.type != "text"
         forced_call = tools is not None and choice != "auto"
@@ -172,6 +174,8 @@ class Preparer:
             raise APIError(400, "'response_format' with 'tools' is not supported: the answer would have to be "
                            "both JSON and tool calls. Send one of them (or tool_choice 'none').",
                            param="response_format", code="unsupported_parameter")
+        if tools is not None and not forced_call:
+            return self.lazy_tool_grammar(tools, body.parallel_tool_calls is not False, thinking)
         if not json_answer and not forced_call:
             return None
         start_after = None
@@ -200,6 +204,24 @@ class Preparer:
         except GrammarError as e:
             param = "response_format" if json_answer else "tools"
             raise APIError(400, f"Invalid '{param}': {str(e)[:300]}", param=param, code="invalid_value") from None
+
+    def lazy_tool_grammar(self, tools: list[dict], parallel: bool, thinking: bool) -> Grammar | None:
+        """tool_choice "auto": once the answer writes `<｜tool▁calls▁begin｜>`, the calls follow the
+        grammar (offered names, arguments valid under each function's parameters). None (calls parsed
+        as written) where no grammar can apply: no tokenizer.json or llguidance, or tool markers that
+        are special tokens."""
+        if any(len(self.tokenizer.encode(m)) == 1 for m in (TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, TOOL_SEP,
+                                                           TOOL_CALL_END, TOOL_CALLS_END)):
+            return None
+        try:
+            grammars = self.grammar_tokenizer("tools")
+        except APIError:
+            return None
+        start_after = self.tokenizer.end_think_id if thinking else None
+        try:
+            return grammars.lark_grammar(tool_call_lark(tools, None, parallel), start_after).lazy(TOOL_CALLS_BEGIN)
+        except GrammarError as e:
+            raise APIError(400, f"Invalid 'tools': {str(e)[:300]}", param="tools", code="invalid_value") from None
 
     def grammar_tokenizer(self, param: str) -> GrammarTokenizer:
         """llguidance's tokenizer for this model (built on first use)."""
