@@ -57,6 +57,8 @@ class Prepared:
 
 @dataclass
 class ToolUse:
+    """A chat request offering tools: its answers' tool calls are parsed (serve/tools.py)."""
+
     parallel: bool = True  # parallel_tool_calls (False: the first call only)
 
 
