@@ -48,6 +48,12 @@ ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
+# DeepSeek-V3's tool-use markers. nanoseek's tokenizers have no ids for them: they are plain text
+# (several byte tokens each), which the server renders and parses the same way either way.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials + one token per byte
 ROLES = ("system", "user", "assistant")
 
@@ -134,6 +140,99 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
     return parts
 
 
+# ---- tool use (DeepSeek-V3's format) --------------------------------------------------------------
+def render_tool_call(name: str, arguments: str) -> str:
+    """One call as DeepSeek-V3 writes it: function<sep>NAME, then the arguments in a json fence."""
+    return f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{name}\n```json\n{arguments}\n```{TOOL_CALL_END}"
+
+
+def render_tools(tools: Sequence[dict]) -> str:
+    """The system prompt's tool list (DeepSeek-V3.1's wording): each function's name, description and
+    JSON-schema parameters, then the exact call format."""
+    text = "## Tools\nYou have access to the following tools:\n"
+    for tool in tools:
+        f = tool.get("function", tool)
+        text += (f"\n### {f['name']}\nDescription: {f.get('description') or ''}\n\n"
+                 f"Parameters: {json.dumps(f.get('parameters') or {'type': 'object', 'properties': {}}, ensure_ascii=False)}\n")
+    example = render_tool_call("tool_call_name", "tool_call_arguments")
+    return text + f"\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n{TOOL_CALLS_BEGIN}{example}{TOOL_CALLS_END}"
+
+
+def check_tool_messages(messages) -> None:
+    """check_messages for conversations with tools: also `tool` messages (string content) and assistant
+    messages with `tool_calls` ([{function: {name, arguments}}]; content may then be None)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list of {role, content} objects")
+    plain = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"message {i} is not an object")
+        if m.get("role") == "tool":
+            if not isinstance(m.get("content"), str):
+                raise DataError(f"message {i} (tool) has no string content")
+            continue
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            for call in m["tool_calls"]:
+                f = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                        not isinstance(f.get("arguments"), str):
+                    raise DataError(f"message {i} (assistant) has a tool call without a function name and "
+                                    "string arguments")
+            m = dict(m, content=m.get("content") or "")
+        plain.append(m)
+    if plain:
+        check_messages(plain)
+
+
+def render_tool_chat(messages: Sequence[dict], tools: Sequence[dict] | None,
+                     add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """`render_chat` with DeepSeek-V3's tool use: the tool list joins the system prompt; an assistant
+    turn with `tool_calls` ends with them (<calls_begin><call_begin>function<sep>NAME ```json ARGS```
+    <call_end>, joined by newlines, <calls_end>) before its EOS; a run of `tool` messages is
+    <outputs_begin><output_begin>RESULT<output_end>(\\n<output_begin>...)*<outputs_end>, and the assistant
+    turn that follows continues without a new <｜Assistant｜> (as in DeepSeek-V3's template), with a
+    think block when it comes after the last user message (so does the generation prompt)."""
+    check_tool_messages(messages)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    if tools:
+        system = (system + "\n\n" if system else "") + render_tools(tools)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    parts = [(BOS + system, False)]
+    in_outputs = False
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "tool":
+            opening = "\n" + TOOL_OUTPUT_BEGIN if in_outputs else TOOL_OUTPUTS_BEGIN + TOOL_OUTPUT_BEGIN
+            parts.append((opening + m["content"] + TOOL_OUTPUT_END, False))
+            in_outputs = True
+            continue
+        opener = ASSISTANT
+        if in_outputs:
+            parts.append((TOOL_OUTPUTS_END, False))
+            in_outputs = False
+            opener = ""  # the assistant turn the tool outputs interrupted goes on
+        if role == "user":
+            parts.append((USER + m["content"], False))
+        elif role == "assistant":
+            content = m.get("content") or ""
+            if opener:
+                parts.append((opener, False))
+            if i > last_user:
+                reply = f"{THINK}\n{m.get('reasoning_content') or ''}\n{END_THINK}\n\n{content}"
+            else:
+                reply = content.split(END_THINK)[-1]
+            calls = m.get("tool_calls") or []
+            if calls:
+                reply += TOOL_CALLS_BEGIN + "\n".join(
+                    render_tool_call(c["function"]["name"], c["function"]["arguments"]) for c in calls) + TOOL_CALLS_END
+            parts.append((reply + EOS, True))
+    if in_outputs:
+        parts.append((TOOL_OUTPUTS_END, False))
+    if add_generation_prompt:
+        parts.append(((ASSISTANT if not in_outputs else "") + THINK + "\n", False))
+    return parts
+
+
 # ---- the tokenizer ---------------------------------------------------------------------------------
 class Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` plus R1's special tokens and chat template.
@@ -216,6 +315,11 @@ class Tokenizer:
         key = {k: spec.get(k) for k in ("model", "pre_tokenizer", "normalizer")} | {"added_tokens": added}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the added (special) tokens."""
+        return sorted(self.backend.get_added_tokens_decoder())
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
@@ -239,8 +343,14 @@ class Tokenizer:
 
     # -- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> list[int] | str:
-        """R1 chat rendering: token ids (or the string when tokenize=False), as transformers gives."""
+                            tokenize: bool = True, tools: Sequence[dict] | None = None) -> list[int] | str:
+        """R1 chat rendering: token ids (or the string when tokenize=False), as transformers gives.
+        With `tools` (a list, possibly empty) the conversation may use tools (`render_tool_chat`);
+        the Jinja template saved for transformers does not render tools."""
+        if tools is not None:
+            parts = render_tool_chat(messages, tools, add_generation_prompt)
+            text = "".join(t for t, _ in parts)
+            return text if not tokenize else [i for e in self.encode_batch([t for t, _ in parts]) for i in e]
         parts = render_chat(messages, add_generation_prompt)
         if not tokenize:
             return "".join(text for text, _ in parts)

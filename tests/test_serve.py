@@ -250,7 +250,7 @@ BAD_BODIES = [
     ("n too large", {**GOOD, "n": 10 ** 6}, 422),
     ("max_tokens zero", {**GOOD, "max_tokens": 0}, 422),
     ("max_tokens huge", {**GOOD, "max_tokens": 10 ** 30}, 400),
-    ("logprobs", {**GOOD, "logprobs": True}, 400),
+    ("top_logprobs out of range", {**GOOD, "logprobs": True, "top_logprobs": 21}, 400),
     ("too many stops", {**GOOD, "stop": ["a"] * 20}, 422),
     ("too many messages", {"messages": user("x") * 9}, 400),
     ("unknown model", {**GOOD, "model": MARK}, 404),

@@ -18,7 +18,7 @@ import torch
 
 from ..model import LatentCache, Transformer
 from .outputs import StepOutputs
-from .request import Request
+from .request import Request, TokenLogprob
 from .sampling import probabilities, sample, uniform
 from .slots import Slots
 
@@ -48,7 +48,7 @@ class Decoder:
         otherwise `following` holds the prompt token after this chunk, which the MTP module needs."""
         out = self.model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
                                         last_only=not self.speculative)
-        firsts = self.sample_rows(reqs, out.logits[:, -1]) if following is None else None
+        firsts = self.pick(reqs, out.logits[:, -1]) if following is None else None
         if self.speculative:
             tail = torch.tensor(firsts if following is None else following, device=self.device)
             nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
@@ -67,7 +67,7 @@ class Decoder:
         view = slots.view()
         logits = self.model.forward_cached(ids, view, positions, last_only=True).logits
         slots.length = view.length
-        tokens = self.sample_rows(rows, logits[:, 0])
+        tokens = self.pick(rows, logits[:, 0])
         done = []
         for i, (req, token) in enumerate(zip(rows, tokens)):
             req.pos += 1
@@ -118,6 +118,9 @@ class Decoder:
         out = []
         for i, req in enumerate(rows):
             p = req.params
+            if req.special:
+                out.append(self.verify_special(req, logits[i]))
+                continue
             if p.greedy:
                 t1, t2 = greedy[i]
                 out.append(([t1, t2], True) if t1 == req.draft else ([t1], False))
@@ -134,7 +137,69 @@ class Decoder:
                 out.append(([t1], False))
         return out
 
+    def verify_special(self, req: Request, logits: torch.Tensor) -> tuple[list[int], bool]:
+        """`verify` for a row with a grammar or logprobs: logits (2, V) at [t, d]. The grammar masks
+        each position in its own state (the draft is consumed before the second position is masked);
+        draws from the row's generator in the same order as the plain path."""
+        p = req.params
+        first = self.constrained(req, logits[0])
+        if p.greedy:
+            t1 = int(first.argmax())
+            ok = t1 == req.draft
+        else:
+            probs = probabilities(first, p.temperature, p.top_p, p.top_k)
+            q = req.draft_q
+            ok = uniform(req.generator, self.device) * float(q[req.draft]) <= float(probs[req.draft])
+            if ok:
+                t1 = req.draft
+            else:
+                residual = (probs - q).clamp(min=0)
+                total = float(residual.sum())
+                t1 = sample(residual / total if total > 0 else probs, req.generator)
+        self.record(req, logits[0], t1)
+        if not ok:
+            return [t1], False
+        second = self.constrained(req, logits[1])
+        t2 = int(second.argmax()) if p.greedy else \
+            sample(probabilities(second, p.temperature, p.top_p, p.top_k), req.generator)
+        self.record(req, logits[1], t2)
+        return [t1, t2], True
+
     # ---- sampling -------------------------------------------------------------------------------
+    def pick(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """logits (n, V) -> one token per request. Rows with a grammar sample from the logits its mask
+        allows; rows asking for logprobs record them. Without such rows this is `sample_rows`."""
+        special = [i for i, r in enumerate(reqs) if r.special]
+        if not special:
+            return self.sample_rows(reqs, logits)
+        raw = logits
+        constrained = [i for i in special if reqs[i].constraint is not None]
+        if constrained:
+            logits = logits.clone()  # the raw logits stay for the logprobs
+            for i in constrained:
+                logits[i] = self.constrained(reqs[i], raw[i])
+        tokens = self.sample_rows(reqs, logits)
+        for i in special:
+            self.record(reqs[i], raw[i], tokens[i])
+        return tokens
+
+    def constrained(self, req: Request, logits: torch.Tensor) -> torch.Tensor:
+        """logits (V,) with the tokens the request's grammar forbids at -inf (the same tensor when free)."""
+        mask = req.constraint.mask(logits.device) if req.constraint is not None else None
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+    def record(self, req: Request, logits: torch.Tensor, token: int):
+        """The request sampled `token` from raw logits (V,): advance its grammar, keep its logprobs."""
+        if req.constraint is not None:
+            req.constraint.advance(token)
+        if req.pending_logprobs is not None:
+            logp = logits.float().log_softmax(dim=-1)
+            k = req.params.logprobs
+            top = logp.topk(k) if k else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+            req.pending_logprobs.append(TokenLogprob(token, float(logp[token]), pairs))
+
+    # ---- sampling of plain rows -----------------------------------------------------------------
     def sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """logits (n, V) -> one token per request by its own params and generator. Rows with the same
         params share one probabilities() call; rows sharing a generator draw together from it, in row

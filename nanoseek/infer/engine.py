@@ -78,7 +78,15 @@ class Engine:
                              f"{self.max_model_len}, which leaves no room to generate")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        if params.grammar is not None and params.grammar.tokenizer.vocab_size != V:
+            raise ValueError(f"the grammar was built for a vocabulary of {params.grammar.tokenizer.vocab_size} "
+                             f"tokens; this model has {V}")
         req = Request(request_id or new_request_id(), list(prompt), params)
+        if params.grammar is not None:
+            req.constraint = params.grammar.constraint()
+        if params.logprobs is not None:
+            req.pending_logprobs = []
+        req.special = req.constraint is not None or req.pending_logprobs is not None
         req.limit = min(params.max_tokens or self.max_model_len, self.max_model_len - len(prompt))
         req.generator = generator if generator is not None else params.generator(self.device)
         if self.tokenizer is not None:

@@ -25,6 +25,8 @@ class StepOutputs:
         self.stats["generated_tokens"] += 1
         out = self._output_for(req)
         out.token_ids.append(token)
+        if req.pending_logprobs:
+            out.logprobs.append(req.pending_logprobs.pop(0))
         p = req.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self.finish(req, "stop")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import LatentCache
+from .grammar import Constraint
 from .sampling import SamplingParams
 from .text import IncrementalDetokenizer, StopStrings
 
@@ -18,6 +19,15 @@ _ids = itertools.count()
 
 def new_request_id() -> str:
     return f"req-{next(_ids)}"
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model and the `top` most likely (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -32,12 +42,13 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
     @classmethod
     def of(cls, req: "Request") -> "RequestOutput":
         """The request's state, with no new tokens or text yet."""
         return cls(req.request_id, [], "", req.finished, req.finish_reason, len(req.prompt), len(req.output_ids),
-                   req.error)
+                   req.error, [] if req.pending_logprobs is not None else None)
 
 
 @dataclass
@@ -66,6 +77,9 @@ class Request:
     scratch: LatentCache | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
+    constraint: Constraint | None = None  # grammar state (constrained decoding)
+    pending_logprobs: list[TokenLogprob] | None = None  # sampled, not yet reported (logprobs asked)
+    special: bool = False  # constraint or logprobs: the decoder's slower per-row path
 
     @property
     def finished(self) -> bool:

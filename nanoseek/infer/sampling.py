@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 GREEDY_BELOW = 1e-5  # a temperature this small is argmax (vLLM's _SAMPLING_EPS)
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs limit)
 
 
 @dataclass
@@ -35,6 +37,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    grammar: Any = None  # a nanoseek.infer.grammar.Grammar the output must follow (constrained decoding)
     extra: dict = field(default_factory=dict)  # free-form tags a caller wants back (never read here)
 
     def __post_init__(self):
@@ -54,6 +58,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,8 @@ until the next tokens say what it is.
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -147,6 +149,32 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 # ---- tokenizers for chat ---------------------------------------------------------------------------
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted: char -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
+
+
+def _is_byte_level(tokenizer_json: str | None) -> bool:
+    """Whether a tokenizer.json decodes byte-level BPE pieces (its token strings then map to bytes);
+    other tokenizers' token bytes come from decoding the token alone."""
+    if tokenizer_json is None:
+        return False
+    decoder = json.loads(tokenizer_json).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+
 class ChatTokenizer:
     """What generation needs from a tokenizer: ids <-> text, the chat prompt, stop tokens.
 
@@ -155,12 +183,39 @@ class ChatTokenizer:
     """
 
     def __init__(self, encode, decode, render, eos_ids: Sequence[int], vocab_size: int,
-                 end_think_id: int | None, name: str):
+                 end_think_id: int | None, name: str, *, id_to_token=None, special_ids: Sequence[int] = (),
+                 backend_json: Callable[[], str] | None = None):
         self._encode, self._decode, self._render = encode, decode, render
         self.eos_ids = tuple(i for i in eos_ids if i is not None)
         self.vocab_size = vocab_size
         self.end_think_id = end_think_id
         self.name = name
+        self._id_to_token = id_to_token
+        self._special_ids = frozenset(special_ids)
+        self._backend_json = backend_json
+        self._byte_cache: dict[int, bytes] = {}
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token id `token` stands for (part of a UTF-8 character, possibly): a byte-level
+        BPE token's pieces mapped back to bytes; a special token's text."""
+        cached = self._byte_cache.get(token)
+        if cached is None:
+            piece = self._id_to_token(token) if self._id_to_token is not None and self.byte_level else None
+            if piece is None or token in self._special_ids or any(ch not in _UNICODE_TO_BYTE for ch in piece):
+                cached = self.decode([token]).encode("utf-8")
+            else:
+                cached = bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+            self._byte_cache[token] = cached
+        return cached
+
+    @functools.cached_property
+    def byte_level(self) -> bool:
+        """Whether token strings are byte-level BPE pieces (read from tokenizer.json on first use)."""
+        return _is_byte_level(self.tokenizer_json())
+
+    def tokenizer_json(self) -> str | None:
+        """tokenizer.json's text (what a grammar library reads), or None when there is none."""
+        return self._backend_json() if self._backend_json is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -168,10 +223,11 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode(list(ids))
 
-    def chat_prompt(self, messages: Sequence[dict]) -> tuple[list[int], bool]:
+    def chat_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> tuple[list[int], bool]:
         """Token ids of the conversation followed by the generation prompt, and whether that prompt
-        opened a think block (the output then starts as reasoning)."""
-        ids, text = self._render(messages)
+        opened a think block (the output then starts as reasoning). `tools` (a list, possibly empty):
+        the conversation may use tools (DeepSeek-V3's format), the listed ones are offered."""
+        ids, text = self._render(messages, tools)
         return ids, text.rstrip().endswith(THINK)
 
 
@@ -191,12 +247,13 @@ def load_tokenizer(path: str | Path) -> ChatTokenizer:
             raise
         return _hf_tokenizer(path)
 
-    def render(messages):
-        return tok.apply_chat_template(messages, add_generation_prompt=True), \
-            tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render(messages, tools=None):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools), \
+            tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, tools=tools)
 
     return ChatTokenizer(tok.encode, tok.decode, render, (tok.eos_id,), tok.vocab_size, tok.end_think_id,
-                         "nanoseek")
+                         "nanoseek", id_to_token=tok.id_to_token, special_ids=tok.special_ids,
+                         backend_json=tok.backend.to_str)
 
 
 def _hf_tokenizer(path: Path) -> ChatTokenizer:
@@ -212,11 +269,15 @@ def _hf_tokenizer(path: Path) -> ChatTokenizer:
     if not getattr(hf, "chat_template", None):
         raise DataError(f"{path}: the tokenizer has no chat template (tokenizer_config.json 'chat_template')")
 
-    def render(messages):
-        text = hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    def render(messages, tools=None):
+        text = hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                      tools=list(tools) if tools else None)
         return hf.encode(text, add_special_tokens=False), text
 
     end_think = hf.convert_tokens_to_ids(END_THINK) if END_THINK in hf.get_vocab() else None
+    backend = getattr(hf, "backend_tokenizer", None)
     return ChatTokenizer(lambda t: hf.encode(t, add_special_tokens=False),
                          lambda ids: hf.decode(ids, skip_special_tokens=False), render,
-                         (hf.eos_token_id,), len(hf), end_think, "transformers")
+                         (hf.eos_token_id,), len(hf), end_think, "transformers",
+                         id_to_token=hf.convert_ids_to_tokens, special_ids=hf.all_special_ids,
+                         backend_json=backend.to_str if backend is not None else None)

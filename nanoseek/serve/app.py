@@ -134,7 +134,7 @@ class _Api:
                         prepared.thinking)
         if refusal is not None:
             return refused(answer, refusal, len(prepared.prompts), body.stream)
-        answer.echo = prepared.echo
+        answer.take(prepared, self.tokenizer)
         endpoint = request.scope.get("route").path if request.scope.get("route") else kind
         run = Run(self.scheduler, self.policy, self.tokenizer.end_think_id, self.config.keepalive_s, answer,
                   metrics=self.metrics, started=started, endpoint=endpoint, audit=audit_context(rid, body))

@@ -37,10 +37,9 @@ class Run:
     async def start(self, prompts: list[list[int]], params: list[SamplingParams], request: Request, stream: bool):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        split = self.answer.chat
         for _ in prompts:
             monitor = self.policy.output_monitor() if self.policy is not None else None
-            self.choices.append(ChoiceStream(self.answer.thinking, monitor, self.end_think_id, split=split))
+            self.choices.append(self.answer.new_choice(monitor, self.end_think_id))
         sinks = [self._sink(loop, i) for i in range(len(prompts))]
         try:
             self.ids = self.scheduler.submit_many(prompts, params, sinks)
