@@ -13,7 +13,8 @@ from ..checkpoint import load_model_and_tokenizer
 from ..cli import EXIT_OK, add_recipe_arguments, command, how_run_ended, recipe_overrides
 from ..errors import ConfigError
 from ..eval import markdown_table, summary_line, write_eval
-from ..eval.tasks import check_generation, evaluate_task
+from ..eval.tasks import evaluate_task
+from ..infer import check_generation
 from ..tasks import TASKS, get_task, write_chat_jsonl
 from ..train.distill import distill
 from ..train.grpo import grpo, grpo_recipe_fields, load_grpo_recipe

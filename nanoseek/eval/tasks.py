@@ -17,9 +17,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import ConfigError
-from ..infer import generate_batches
-from ..infer.sampling import SamplingParams
+from ..infer import check_generation, generate_batches
 from ..tasks import Problem, Task, default_max_new_tokens, extract_answer, get_task, prompt_ids
 
 Z95 = 1.959963984540054
@@ -82,21 +80,6 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def check_generation(*, temperature: float, top_p: float, max_new_tokens: int | None, batch_size: int) -> None:
-    """Reject bad sampling settings of an evaluation or a rejection-sampling run before any work:
-    temperature and top_p by SamplingParams' own checks, positive max_new_tokens (None: the task's
-    default) and batch_size. ConfigError names the field."""
-    try:
-        SamplingParams(temperature=temperature, top_p=top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if value is None and name == "max_new_tokens":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int = 8, temperature: float = 0.6,
                   top_p: float = 0.95, greedy: bool = True, max_new_tokens: int | None = None,
                   batch_size: int = 128, seed: int = 0, problem_seed: int = 1234, split: str = "test",

@@ -2,9 +2,9 @@
 speculative decoding with MTP), its scheduler thread, and `generate` for token ids."""
 
 from .engine import Engine, Request, RequestOutput
-from .generate import generate, generate_batches
+from .generate import check_generation, generate, generate_batches
 from .sampling import SamplingParams
 from .text import ChatTokenizer, IncrementalDetokenizer, ReasoningSplitter, StopStrings, load_tokenizer
 
-__all__ = ["Engine", "Request", "RequestOutput", "SamplingParams", "generate", "generate_batches", "ChatTokenizer",
+__all__ = ["Engine", "Request", "RequestOutput", "SamplingParams", "generate", "generate_batches", "check_generation", "ChatTokenizer",
            "IncrementalDetokenizer", "ReasoningSplitter", "StopStrings", "load_tokenizer"]

@@ -1,5 +1,6 @@
 """`nanoseek.generate`: batched generation of token ids (a static batch on the continuous-batching Engine),
-and `generate_batches`, the same over consecutive seeded batches."""
+and `generate_batches`, the same over consecutive seeded batches; `check_generation` checks their
+settings before any work."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import ConfigError
 from ..model import Transformer
 from .engine import Engine
 from .sampling import SamplingParams
@@ -75,3 +77,18 @@ def generate_batches(model: Transformer, prompts: list[list[int]], *, max_new_to
         if on_batch is not None:
             on_batch(len(batch))
     return out
+
+
+def check_generation(*, temperature: float, top_p: float, max_new_tokens: int | None, batch_size: int) -> None:
+    """Reject bad sampling settings of an evaluation or a rejection-sampling run before any work:
+    temperature and top_p by SamplingParams' own checks, positive max_new_tokens (None: the task's
+    default) and batch_size. ConfigError names the field."""
+    try:
+        SamplingParams(temperature=temperature, top_p=top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value is None and name == "max_new_tokens":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")

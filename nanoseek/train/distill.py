@@ -36,8 +36,7 @@ def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_pe
     problems; keeps up to `keep_per_problem` distinct correct traces per problem. Returns (chat
     records, statistics)."""
     from ..checkpoint import load_model_and_tokenizer
-    from ..eval.tasks import check_generation
-    from ..infer import generate_batches
+    from ..infer import check_generation, generate_batches
     from ..tasks import default_max_new_tokens, prompt_ids
     from ..tasks import get_task
     from tqdm import tqdm
