@@ -14,12 +14,20 @@ import json
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from ..checkpoint import load_model_and_tokenizer, resolve_model_dir
+from ..data import prepare
 from ..errors import DataError
+from ..infer import check_generation, generate_batches
+from ..tasks import default_max_new_tokens, extract_answer, get_task, prompt_ids, split_reply, strip_eos
+from ..tokenizer import Tokenizer
+from .recipe import TrainRecipe
+from .trainer import train
 
 
 def completion_to_message(completion: str) -> dict | None:
     """The assistant message of a well-formed completion (text after `<think>\\n`), or None."""
-    from ..tasks import extract_answer, split_reply, strip_eos
     if extract_answer(completion) is None:
         return None
     reasoning, tail = split_reply(completion)
@@ -35,11 +43,6 @@ def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_pe
     """Rejection sampling: `samples_per_problem` teacher samples for each of `n_problems` train-split
     problems; keeps up to `keep_per_problem` distinct correct traces per problem. Returns (chat
     records, statistics)."""
-    from ..checkpoint import load_model_and_tokenizer
-    from ..infer import check_generation, generate_batches
-    from ..tasks import default_max_new_tokens, prompt_ids
-    from ..tasks import get_task
-    from tqdm import tqdm
     if samples_per_problem < 1 or keep_per_problem < 1 or n_problems < 1:
         raise DataError("n_problems, samples_per_problem and keep_per_problem must be at least 1")
     check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -95,11 +98,6 @@ def distill(teacher: str | Path, task: str, out: str | Path, *, n_problems: int 
     `student`: TrainRecipe fields for the student run (preset / config / init_from, model overrides,
     max_steps, lr, batch_size, seq_len, ...); `out`, `data`, `mode` and `tokenizer` are set here. The
     student shares the teacher's tokenizer (the traces are tokenized with it). Returns a summary."""
-    from ..data import prepare
-    from ..checkpoint import resolve_model_dir
-    from ..tokenizer import Tokenizer
-    from .recipe import TrainRecipe
-    from .trainer import train
     out = Path(out)
     records, stats = sample_traces(teacher, task, n_problems, samples_per_problem=samples_per_problem,
                                    keep_per_problem=keep_per_problem, temperature=temperature, top_p=top_p,

@@ -43,10 +43,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import infer
 from ..checkpoint import load_model
 from ..errors import ConfigError
+from ..infer import generate_batches
 from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
+from ..tasks import Rewards, default_max_new_tokens, get_task, prompt_ids
+from ..tasks.base import make_rng
+from ..tokenizer import Tokenizer
 from .common import build_optimizer, expert_loads, lr_at
 from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
                    resolve_device, run_loop, run_on_all_ranks, set_aux_loss_alpha)
@@ -281,8 +286,6 @@ class GRPOTrainer(Algorithm):
     eval_key = "eval_accuracy"
 
     def __init__(self, recipe: GRPORecipe, parallel=None):
-        from ..tasks import Rewards, get_task
-        from ..tokenizer import Tokenizer
         self.recipe = recipe.validate()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
@@ -318,8 +321,6 @@ class GRPOTrainer(Algorithm):
         self.eval_problems = None
 
     def _default_max_new_tokens(self) -> int:
-        from ..tasks import default_max_new_tokens
-        from ..tasks.base import make_rng
         rng = make_rng("max_new_tokens", self.task.name)
         problems = [self.task.sample(rng, "train", self.recipe.difficulty) for _ in range(64)]
         return default_max_new_tokens(self.task, self.tokenizer, problems)
@@ -343,9 +344,6 @@ class GRPOTrainer(Algorithm):
 
     def rollout(self, step: int) -> Rollouts:
         """This rank's share of the step's prompts, G samples each (all of them in one process)."""
-        from .. import infer
-        from ..tasks import prompt_ids
-        from ..tasks.base import make_rng
         r = self.recipe
         rng = make_rng("grpo", r.seed, step)
         problems = [self.task.sample(rng, "train", r.difficulty) for _ in range(r.prompts_per_step)]
@@ -511,8 +509,6 @@ class GRPOTrainer(Algorithm):
 
     def evaluate(self) -> float:
         """Greedy accuracy on eval_n problems (under data parallelism each rank takes every W-th)."""
-        from ..infer import generate_batches
-        from ..tasks import prompt_ids
         if self.eval_problems is None:
             self.eval_problems = self.task.generate(self.recipe.eval_n, seed=1234, split=self.recipe.eval_split,
                                                     difficulty=self.recipe.difficulty)

@@ -26,6 +26,7 @@ from ..data.loader import TokenLoader
 from ..errors import ConfigError, NanoseekError
 from ..infer import generate
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from .common import (build_optimizer, expert_loads, global_denominators, load_balance, loss_masks, lr_at,
                      mtp_depths, plot_losses, training_loss)
 from .loop import (Algorithm, RunFolder, TrainingError, add_loads, check_finite, optimizer_step,
@@ -193,7 +194,6 @@ def sample_text(model: Transformer, tokenizer, recipe: TrainRecipe, parallel) ->
 def _load_tokenizer(path: str | None):
     if not path:
         return None
-    from ..tokenizer import Tokenizer
     return Tokenizer.load(path)
 
 
