@@ -70,17 +70,26 @@ def test_bad_schema_is_a_grammar_error(random_chat):
 
 
 # ---- the server ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def served(random_chat):
-    app, scheduler = build_app(random_chat, config=ServerConfig(model_name="random"), max_batch=8)
+def serve_random(path):
+    """A server for the model folder `path` (named "random"), stopped when the generator is closed."""
+    app, scheduler = build_app(path, config=ServerConfig(model_name="random"), max_batch=8)
     s = Server(app, scheduler)
     yield s
     s.stop()
 
 
+def openai_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(random_chat):
+    yield from serve_random(random_chat)
+
+
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(served)
 
 
 def ask(client, response_format, n=8, max_tokens=1500, **kw):

@@ -8,20 +8,17 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from nanoseek.infer import load_tokenizer
 from nanoseek.infer.request import RequestOutput
-from nanoseek.serve import ServerConfig, build_app
 from nanoseek.serve.protocol import ChoiceStream
 from nanoseek.serve.tools import ToolCallParser
 from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_CALL_BEGIN, TOOL_CALL_END,
                                 TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END,
                                 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_SEP, USER, Tokenizer, render_tool_call,
                                 render_tool_chat)
-from test_response_format import make_random_chat_model
-from test_serve import Server
+from test_response_format import make_random_chat_model, openai_client, serve_random
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,15 +108,12 @@ def test_choice_stream_reports_tool_calls_finish_reason():
 @pytest.fixture(scope="module")
 def served(toy, tmp_path_factory):
     path = make_random_chat_model(tmp_path_factory.mktemp("random-tools") / "model", toy, seed=1)
-    app, scheduler = build_app(path, config=ServerConfig(model_name="random"), max_batch=8)
-    s = Server(app, scheduler)
-    yield s
-    s.stop()
+    yield from serve_random(path)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(served)
 
 
 def ask(client, tool_choice, n=6, messages=None, **kw):
