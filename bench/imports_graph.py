@@ -25,7 +25,7 @@ from pathlib import Path
 
 PACKAGE = "nanoseek"
 LAYERS = [  # bottom first; parts in one layer may import each other
-    ("errors", "runio"),
+    ("errors", "runio", "precision"),
     ("config",),
     ("model",),
     ("checkpoint", "tokenizer", "params"),

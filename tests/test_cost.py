@@ -10,7 +10,7 @@ import torch
 
 from nanoseek import ModelConfig, count_parameters
 from nanoseek import cost
-from nanoseek.cost import estimation  # the CPU probe's module: its timer and clock are patched here
+from nanoseek import precision  # the CPU probe's module: its timer and clock are patched here
 from nanoseek.cost import (DEEPSEEK_V3, DEFAULT_MFU, GPUS, CostMeter, attention_flops_per_token,
                            deepseek_llm_flops_per_token, estimate, flops_per_token, format_cost_table,
                            gpu_key_for_name, implied_mfu, measure_matmul_peak, six_nd)
@@ -139,7 +139,7 @@ def test_gpu_table_and_names():
 
 
 def test_estimate_on_cpu_uses_the_probe(monkeypatch):
-    monkeypatch.setattr(estimation, "_time_matmul", lambda dtype, size, seconds: 5e10)
+    monkeypatch.setattr(precision, "_time_matmul", lambda dtype, size, seconds: 5e10)
     est = estimate(hand_config(), 1e6, gpu="cpu", mfu=0.5, usd_per_hour=0.1, seq_len=16)
     assert est.peak_flops == 5e10 and "measured" in est.peak_source
     assert est.gpu_hours == pytest.approx(14208 * 1e6 / (5e10 * 0.5) / 3600)
@@ -148,7 +148,7 @@ def test_estimate_on_cpu_uses_the_probe(monkeypatch):
 # ---- CPU probe -----------------------------------------------------------------------------------
 def test_probe_measures_then_reads_the_cache(monkeypatch, cache_in_tmp):
     ticks = iter(range(1000))
-    monkeypatch.setattr(estimation, "_clock", lambda: next(ticks) * 0.25)  # every clock read advances 0.25 s
+    monkeypatch.setattr(precision, "_clock", lambda: next(ticks) * 0.25)  # every clock read advances 0.25 s
     first = measure_matmul_peak(torch.float32, size=16, seconds=0.5)
     assert first == 2 * 16 ** 3 / 0.25  # each timed matmul "took" 0.25 s
     saved = json.loads((cache_in_tmp / "matmul_peak.json").read_text())
@@ -160,10 +160,10 @@ def test_probe_measures_then_reads_the_cache(monkeypatch, cache_in_tmp):
 
     def must_not_measure(*args):
         raise AssertionError("re-measured although cached")
-    monkeypatch.setattr(estimation, "_time_matmul", must_not_measure)
+    monkeypatch.setattr(precision, "_time_matmul", must_not_measure)
     assert measure_matmul_peak(torch.float32, size=16, seconds=0.5) == first
     # another dtype is another key: measured (here: faked) and added beside the first
-    monkeypatch.setattr(estimation, "_time_matmul", lambda dtype, size, seconds: 7.0)
+    monkeypatch.setattr(precision, "_time_matmul", lambda dtype, size, seconds: 7.0)
     assert measure_matmul_peak(torch.bfloat16, size=16) == 7.0
     assert measure_matmul_peak(torch.float32, size=16, refresh=True) == 7.0
     assert len(json.loads((cache_in_tmp / "matmul_peak.json").read_text())) == 2
@@ -172,7 +172,7 @@ def test_probe_measures_then_reads_the_cache(monkeypatch, cache_in_tmp):
 def test_probe_rebuilds_a_corrupt_cache(monkeypatch, cache_in_tmp):
     cache_in_tmp.mkdir(parents=True)
     (cache_in_tmp / "matmul_peak.json").write_text("{not json")
-    monkeypatch.setattr(estimation, "_time_matmul", lambda dtype, size, seconds: 3.0)
+    monkeypatch.setattr(precision, "_time_matmul", lambda dtype, size, seconds: 3.0)
     assert measure_matmul_peak(size=8) == 3.0
     assert json.loads((cache_in_tmp / "matmul_peak.json").read_text())[cost.probe_key(torch.float32, 8)]
 
@@ -203,7 +203,7 @@ def test_cost_meter_writes_cost_json(tmp_path):
 
 def test_cost_meter_on_cpu_probes_once(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(estimation, "_time_matmul", lambda dtype, size, seconds: calls.append(dtype) or 2e9)
+    monkeypatch.setattr(precision, "_time_matmul", lambda dtype, size, seconds: calls.append(dtype) or 2e9)
     meter = CostMeter(hand_config(), tmp_path / "cost.json", device="cpu", seq_len=16, n_devices=2)
     run = meter.update(tokens=100, wall_seconds=0.0)
     assert calls == [torch.float32] and run.peak_flops_per_device == 2e9

@@ -1,5 +1,6 @@
 """Training cost before a run: device peaks, FLOPs per token, published figures, estimates and their
-table, and the CPU matmul probe that gives a CPU its peak.
+table, the CPU's peak comes from the
+cached matmul probe in nanoseek/precision.py.
 
 FLOP convention (one multiply-add = 2 FLOPs; training = forward + backward = 3 x forward), per token:
 - matmul     6 x the main model's activated matmul parameters, output head excluded: params'
@@ -23,14 +24,8 @@ with full non-causal attention).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,12 +34,10 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import RMSNorm, RoutedExperts, Transformer
 from ..params import count_parameters, meta_model
-from ..runio import write_json_atomic
+from ..precision import dtype_name, measure_matmul_peak
 
 DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3 pretraining sequence length (before context extension)
 DEFAULT_USD_PER_HOUR = 2.0  # DeepSeek-V3's assumed H800 rental price
-CACHE_ENV = "NANOSEEK_CACHE_DIR"  # overrides ~/.cache/nanoseek
-PROBE_FILE = "matmul_peak.json"
 SECONDS_PER_HOUR = 3600.0
 
 
@@ -102,7 +95,7 @@ def device_peak(device: str, dtype: torch.dtype = torch.float32) -> tuple[Device
         kind = key
     entry = lookup_gpu(kind)
     if entry.peak_flops is None:
-        return entry, measure_matmul_peak(dtype), f"measured {_dtype_name(dtype)} matmul probe"
+        return entry, measure_matmul_peak(dtype), f"measured {dtype_name(dtype)} matmul probe"
     return entry, entry.peak_flops, "datasheet dense bf16"
 
 
@@ -370,81 +363,7 @@ def _si(n: float) -> str:
     return f"{n:.4g}"
 
 
-# ---- CPU peak probe ------------------------------------------------------------------------------
-_clock = time.perf_counter  # the probe's timer (tests replace it)
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0, *,
-                        refresh: bool = False) -> float:
-    """Peak FLOP/s of `size` x `size` torch.matmul on this CPU: the fastest single matmul within
-    `seconds` of repeats (2*size^3 FLOPs each). Cached in $NANOSEEK_CACHE_DIR (default
-    ~/.cache/nanoseek)/matmul_peak.json, keyed by torch version, CPU model, threads, dtype and size;
-    measured when missing or when `refresh`."""
-    size = _positive_int("size", size)
-    key = probe_key(dtype, size)
-    path = cache_dir() / PROBE_FILE
-    cache = _read_json_object(path)
-    entry = cache.get(key)
-    if not refresh and isinstance(entry, dict) and _is_positive_number(entry.get("flops_per_second")):
-        return float(entry["flops_per_second"])
-    value = _time_matmul(dtype, size, _positive("seconds", seconds))
-    cache[key] = {"flops_per_second": value, "seconds": seconds,
-                  "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(path, cache)
-    return value
-
-
-def probe_key(dtype: torch.dtype, size: int) -> str:
-    return (f"torch={torch.__version__}|cpu={cpu_model()}|threads={torch.get_num_threads()}"
-            f"|dtype={_dtype_name(dtype)}|size={size}")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nanoseek")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _time_matmul(dtype: torch.dtype, size: int, seconds: float) -> float:
-    """FLOP/s of the fastest of repeated (size x size) @ (size x size) matmuls over `seconds`."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(dtype)
-    b = torch.randn(size, size, generator=g).to(dtype)
-    out = torch.matmul(a, b)  # warm-up: thread pool, kernels, the output buffer
-    flop = 2 * size ** 3
-    best, start = 0.0, _clock()
-    while True:
-        t0 = _clock()
-        torch.matmul(a, b, out=out)
-        t1 = _clock()
-        best = max(best, flop / max(t1 - t0, 1e-9))
-        if t1 - start >= seconds:
-            return best
-
-
 # ---- helpers -------------------------------------------------------------------------------------
-def _read_json_object(path: Path) -> dict:
-    """The JSON object in `path`, or {} when it is missing or unreadable (a cache is rebuilt)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _is_positive_number(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
