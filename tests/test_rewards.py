@@ -198,7 +198,8 @@ def test_reward_columns_carry_every_dataset_column_per_completion():
     # a built-in task's fields are columns too
     assert reward_columns([P], [False])["a"] == [347] and reward_columns([Q], [False])["target"] == [83]
     clash = Problem("gsm8k", "q", "1", {"answer": "#### 1", "data_answer": "x"})
-    with pytest.raises(RewardError, match="columns 'answer' and 'data_answer' would both be passed to rewards as 'data_answer'"):
+    with pytest.raises(RewardError, match="columns 'answer' and 'data_answer' would both be passed to rewards "
+                                          "as 'data_answer'"):
         reward_columns([clash], [False])
 
 
