@@ -51,8 +51,8 @@ from ..infer import generate_batches
 from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
 from ..tasks import Rewards, default_max_new_tokens, get_task, prompt_ids
-from ..tasks.rewards import absolute_reward_paths, reward_columns
 from ..tasks.base import make_rng
+from ..tasks.rewards import absolute_reward_paths, reward_columns
 from ..tokenizer import Tokenizer
 from .common import build_optimizer, expert_loads, lr_at
 from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
