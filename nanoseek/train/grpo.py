@@ -34,6 +34,7 @@ rollouts, and with them the run, do not depend on the number of processes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
 from ..tasks import Rewards, default_max_new_tokens, get_task, prompt_ids
 from ..tasks.base import make_rng
+from ..tasks.rewards import absolute_reward_paths, reward_columns
 from ..tokenizer import Tokenizer
 from .common import build_optimizer, expert_loads, lr_at
 from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
@@ -126,9 +128,23 @@ class GRPORecipe(RunRecipe):
             self.bad("eval_split", "must be 'train' or 'test'", source)
         if self.temperature == 0:
             self.bad("temperature", "must be positive (greedy rollouts give identical samples)", source)
-        if not isinstance(self.rewards, dict) or not self.rewards:
-            self.bad("rewards", "must map reward names (or module:function) to weights", source)
+        self._validate_rewards(source)
         return self
+
+    def _validate_rewards(self, source: str | None) -> None:
+        """Load every reward now (a missing file, module or function fails before any run folder
+        exists); relative `file.py:function` paths become absolute against the recipe file's folder
+        (else the working directory), so later validations and resumes find the same file."""
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            self.bad("rewards", "must map reward names (accuracy, format, think, package.module:function, "
+                     "path/to/file.py:function) to weights", source)
+        base = Path(source).parent if source else None
+        try:
+            Rewards(self.rewards, base)
+        except ConfigError as e:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"invalid GRPO recipe field 'rewards'{where}: {e}") from None
+        self.rewards = absolute_reward_paths(self.rewards, base)
 
 
 def grpo_recipe_fields() -> dict[str, Any]:
@@ -136,8 +152,23 @@ def grpo_recipe_fields() -> dict[str, Any]:
 
 
 def load_grpo_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
-    """A GRPO recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string)."""
+    """A GRPO recipe from a TOML/YAML/JSON file (optional), then `overrides` (field -> value or string).
+    Reward files named in the file are relative to its folder, those in `overrides` to the working directory."""
+    overrides = dict(overrides or {})
+    if "rewards" in overrides:
+        overrides["rewards"] = _absolute_override(overrides["rewards"])
     return load_recipe_as(GRPORecipe, path, overrides, what="GRPO recipe")
+
+
+def _absolute_override(rewards: Any) -> Any:
+    """A rewards override (a mapping, or its JSON text) with relative reward files made absolute against
+    the working directory; anything else is left for the recipe's own checks to refuse."""
+    if isinstance(rewards, str):
+        try:
+            rewards = json.loads(rewards)
+        except json.JSONDecodeError:
+            return rewards
+    return absolute_reward_paths(rewards, None) if isinstance(rewards, dict) else rewards
 
 
 # ---- the math (pure functions, unit-tested by hand) -------------------------------------------
@@ -364,8 +395,7 @@ class GRPOTrainer(Algorithm):
         texts = [self.tokenizer.decode(o) for o in outs]
         truncated = [not o or o[-1] != eos for o in outs]
         probs = [p for p in problems for _ in range(r.group_size)]
-        total, parts = self.rewards([p.prompt for p in probs], texts, problem=probs,
-                                    answer=[p.answer for p in probs], truncated=truncated)
+        total, parts = self.rewards([p.prompt for p in probs], texts, **reward_columns(probs, truncated))
         return Rollouts(probs, rows, outs, texts, truncated, torch.tensor(total, dtype=torch.float32), parts,
                         seconds)
 
@@ -501,9 +531,10 @@ class GRPOTrainer(Algorithm):
                "truncated_frac": truncated.mean().item(),
                "rollout_tokens": int(lengths.sum()), "rollout_tokens_per_s": lengths.sum().item() / max(seconds, 1e-9),
                "rollout_seconds": seconds}
-        for k, name in enumerate(names):
-            row[f"reward_{name}"] = table[:, 3 + k].mean().item()
-        if "accuracy" in ro.parts:
+        for k, name in enumerate(names):  # NaN where a reward returned None (did not apply)
+            if not table[:, 3 + k].isnan().all():
+                row[f"reward_{name}"] = table[:, 3 + k].nanmean().item()
+        if "reward_accuracy" in row:
             row["accuracy"] = row["reward_accuracy"]
         return row
 
