@@ -157,10 +157,10 @@ def test_fsdp_data_parallel_matches_one_process_sft(corpus, tmp_path):
 
 
 def test_expert_parallel_matches_one_process_and_resumes_on_one(corpus, reference, tmp_path):
-    """EP=2 for 3 steps (checkpoint gathered to one HF folder), then resumed by a single process: the
-    same 6 steps as the single-process reference."""
+    """EP=2 for 3 steps (checkpoint_format "full": gathered to one HF folder), then resumed by a single
+    process: the same 6 steps as the single-process reference. (Sharded checkpoints: test_sharded.py.)"""
     run = tmp_path / "ep"
-    torchrun(train_cli(base_recipe(corpus, run, max_steps=3)), ep=2)
+    torchrun(train_cli(base_recipe(corpus, run, max_steps=3, checkpoint_format="full")), ep=2)
     from nanoseek import load_model
     ckpt = run / "checkpoints" / "step-0000003"
     model = load_model(ckpt / "model")  # a plain single-process model, all 8 experts per layer
