@@ -1,5 +1,6 @@
 """Fixtures shared by several test modules: one CPU thread for tiny models, the toy chat model, and a
-random tiny MoE with a byte-level tokenizer for the reasoning tasks."""
+random tiny MoE with a byte-level tokenizer for the reasoning tasks. Tests marked `cuda` (see
+pyproject.toml) are skipped, with the reason, where torch sees no CUDA device."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ TINY_TASK_MODEL = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe
                        n_group=1, topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16,
                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
                        num_nextn_predict_layers=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `cuda` tests on a machine without a CUDA device (`pytest -m cuda` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def corpus(tmp_path_factory):
 def base_recipe(corpus: Path, out: Path, **overrides) -> dict:
     values = dict(out=str(out), data=str(corpus / "data"), tokenizer=str(corpus / "tok"), preset="tiny",
                   model=SMALL_MODEL, batch_size=4, seq_len=32, max_steps=6, eval_every=3, eval_batches=2,
-                  save_every=3, warmup_steps=2, lr=3e-3, progress=False)
+                  save_every=3, warmup_steps=2, lr=3e-3, progress=False, device="cpu")  # gloo, also on a GPU host
     values.update(overrides)
     return values
 
@@ -206,7 +206,7 @@ def grpo_recipe(policy: Path, out: Path, **overrides) -> dict:
     values = dict(init_from=str(policy), out=str(out), task="addition3", prompts_per_step=4, group_size=4,
                   max_new_tokens=12, mask_truncated=False, mu=2, beta=0.05, micro_batch=3, max_steps=2, lr=1e-3,
                   save_every=1, eval_every=2, eval_n=6, bias_update_speed=0.01, progress=False,
-                  rewards={"test_distributed:checksum_reward": 1.0, "format": 0.1})
+                  rewards={"test_distributed:checksum_reward": 1.0, "format": 0.1}, device="cpu")
     values.update(overrides)
     return values
 
