@@ -164,21 +164,28 @@ def test_consolidate_names_a_missing_or_misshaped_tensor(tmp_path):
 
 
 CONSOLIDATE_RSS = """
-import json, resource, sys
+import json, re, sys
+from pathlib import Path
 import torch.distributed.checkpoint  # imported before the baseline: not what consolidation holds
 from nanoseek.checkpoint import consolidate, read_sharded_metadata
+
+def status(field):  # kB -> bytes
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
 read_sharded_metadata(sys.argv[1])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS")
 summary = consolidate(sys.argv[1], sys.argv[2], max_shard_size=sys.argv[3])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_increase": peak - base, "bytes": summary.bytes, "files": summary.files,
+print(json.dumps({"peak_increase": status("VmHWM") - base, "bytes": summary.bytes, "files": summary.files,
                   "largest_shard": summary.largest_shard}))
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_consolidation_memory_is_bounded_by_a_shard_not_the_model(tmp_path):
-    """A 151 MB model (64 experts x 3 MoE layers of 0.6 MB each) consolidated into 8 MB shards in a
-    fresh process: its peak RSS grows by about a shard (seen: ~10 MB), far below the model's size."""
+    """A 158 MB model (64 experts x 3 MoE layers of 0.8 MB each) consolidated into 8 MB shards in a
+    fresh process: its peak RSS grows by a few shards (the tensors read, the slices cut from them,
+    safetensors' serialized bytes), far below the model's size."""
     from nanoseek import ModelConfig, Transformer
     cfg = ModelConfig.preset("tiny", hidden_size=256, moe_intermediate_size=256, n_routed_experts=64,
                              n_group=1, topk_group=1, num_hidden_layers=4, num_nextn_predict_layers=0)
@@ -194,7 +201,8 @@ def test_consolidation_memory_is_bounded_by_a_shard_not_the_model(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"consolidation of {model_bytes / 1e6:.0f} MB: {result}")
     assert result["bytes"] >= model_bytes > 140e6 and result["files"] >= 18
-    assert result["peak_increase"] < 4 * result["largest_shard"] < model_bytes / 4, result
+    # seen: +24 MB, 3 shards' worth: the tensors read, the slices cut from them, safetensors' bytes
+    assert result["peak_increase"] < 5 * result["largest_shard"] and result["peak_increase"] < model_bytes / 4, result
 
 
 def test_export_consolidate_command(corpus, tmp_path, capsys):
