@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import random_tiny_model
-from test_distributed import base_recipe, corpus, metrics, torchrun, train_cli, train_here  # noqa: F401
+from test_distributed import base_recipe, metrics, torchrun, train_cli, train_here
 
 pytestmark = pytest.mark.cuda
 

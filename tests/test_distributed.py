@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -58,32 +57,6 @@ def train_cli(recipe: dict) -> list[str]:
 
 
 # ---- data and reference runs ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tokenizer, a pretraining data folder and a chat (SFT) data folder; no network."""
-    from nanoseek.data import prepare
-    from nanoseek.tokenizer import Tokenizer
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "moe", "expert", "latent", "token", "route", "cache"]
-    files = []
-    for i in range(12):
-        f = root / f"doc{i}.txt"
-        f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 999)}."
-                               for _ in range(60)))
-        files.append(f)
-    tok = Tokenizer.train((f.read_text() for f in files), vocab_size=400)
-    tok.save(root / "tok")
-    prepare(tok, files, root / "data", val_fraction=0.2, progress=False)
-    chats = root / "chat.jsonl"  # replies of very different lengths: ranks hold different target counts
-    chats.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"route token {i} to which expert?"},
-        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}]}) + "\n"
-        for i in range(80)))
-    prepare(tok, [chats], root / "sft", val_fraction=0.2, progress=False)
-    return root
-
-
 def base_recipe(corpus: Path, out: Path, **overrides) -> dict:
     values = dict(out=str(out), data=str(corpus / "data"), tokenizer=str(corpus / "tok"), preset="tiny",
                   model=SMALL_MODEL, batch_size=4, seq_len=32, max_steps=6, eval_every=3, eval_batches=2,
@@ -125,12 +98,16 @@ def assert_same_run(single: Path, parallel: Path, steps: int) -> dict:
     return diffs
 
 
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
+def reference_run(corpus: Path, tmp_path_factory) -> Path:
     """One process, 6 steps, global batch 4."""
     out = tmp_path_factory.mktemp("ref") / "run"
     train_here(base_recipe(corpus, out))
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    return reference_run(corpus, tmp_path_factory)
 
 
 # ---- tests ---------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (WEIGHT_TOL, assert_same_run, base_recipe, corpus, max_weight_diff,  # noqa: F401
-                              metrics, reference, torchrun, train_cli, train_here)
+from test_distributed import (WEIGHT_TOL, assert_same_run, base_recipe, max_weight_diff, metrics, reference_run,
+                              torchrun, train_cli, train_here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,11 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys()
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    return reference_run(corpus, tmp_path_factory)
 
 
 # ---- across world sizes ------------------------------------------------------------------------------
