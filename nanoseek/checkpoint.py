@@ -59,7 +59,7 @@ def hf_key_map(model: Transformer) -> dict[str, Slot]:
     """HF key -> Slot for every tensor the checkpoint holds (in a stable order)."""
     cfg = model.config
     out: dict[str, Slot] = {}
-    for name, _ in _named_tensors(model):
+    for name, _ in named_tensors(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         prefix, local = _hf_prefix(name, cfg.num_hidden_layers)
@@ -77,7 +77,7 @@ def hf_key_map(model: Transformer) -> dict[str, Slot]:
     return out
 
 
-def _named_tensors(model: Transformer):
+def named_tensors(model: Transformer):
     """Parameters and persistent buffers, each once (tied weights appear under their first name)."""
     yield from model.named_parameters()
     for mod_name, mod in model.named_modules():
@@ -125,7 +125,7 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
     path = Path(path)
     limit = _parse_size(max_shard_size)
     cfg = model.config
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     tensors: list[tuple[str, torch.Tensor]] = []
     for key, slot in hf_key_map(model).items():
         t = params[slot.name].detach()[slot.index] if slot.index else params[slot.name].detach()
@@ -372,7 +372,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     model = model.to(dtype=dtype).to_empty(device=device)
     model.rotary.inv_freq = rope_frequencies(config)[0].to(device)  # computed, never read from disk
 
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for key, info in headers.items():
         if key in expected:
@@ -389,7 +389,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 
 
 def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], headers: dict[str, TensorInfo]):
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     missing = [k for k in expected if k not in headers]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -586,7 +586,7 @@ def _consolidation_plan(src: Path, config: ModelConfig, stored: dict) -> list[tu
     checked against the checkpoint's metadata (CheckpointError names a missing or misshaped tensor)."""
     with torch.device("meta"):
         model = Transformer(config)
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     plan = []
     for key, slot in hf_key_map(model).items():
         if is_expert_stack(slot.name):

@@ -27,11 +27,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..checkpoint import (DCP_METADATA, SHARDED_DIR, copy_tokenizer, is_expert_stack, load_sharded_tensors,
-                          read_sharded_metadata, sharded_key, single_process_quietly)
+                          named_tensors, read_sharded_metadata, sharded_key, single_process_quietly)
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer, rope_frequencies
-from ..runio import chmod_like_new
+
 
 def distributed() -> bool:
     """Whether this process is one of a torch.distributed group (else DCP runs without collectives)."""
@@ -72,12 +72,8 @@ def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """DCP keys -> this rank's (detached, shared-memory) parameters and persistent buffers."""
     first = _expert_offsets(model)
     out = {}
-    for name, p in model.named_parameters():
-        out.update(_pieces(name, p.detach(), "model", first.get(name, 0)))
-    for mod_name, mod in model.named_modules():
-        for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                out.update(_pieces(f"{mod_name}.{name}" if mod_name else name, buf, "model", 0))
+    for name, t in named_tensors(model):
+        out.update(_pieces(name, t.detach(), "model", first.get(name, 0)))
     return out
 
 
@@ -112,8 +108,6 @@ def save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optimi
         (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if tokenizer_dir:
             copy_tokenizer(tokenizer_dir, folder)
-        for file in folder.glob("*.distcp"):  # DCP's files are 0600 (like save_file's)
-            chmod_like_new(file)
 
 
 # ---- load --------------------------------------------------------------------------------------------
