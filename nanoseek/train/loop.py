@@ -216,9 +216,11 @@ class RunFolder:
         one just saved at `step` is consolidated shard by shard (the model is never gathered); else the
         model is gathered from the shards."""
         if self.sharded and self.saved is not None and self.saved[0] == step:
-            if self.parallel.is_main:
-                consolidate(self.saved[1] / SHARDED_DIR, self.dir / "model")
-            self.parallel.barrier()
+            try:
+                if self.parallel.is_main:
+                    consolidate(self.saved[1] / SHARDED_DIR, self.dir / "model")
+            finally:  # the other ranks wait for rank 0, also when it fails
+                self.parallel.barrier()
             return
         model = self.parallel.gather_model(model)
         if self.parallel.is_main:
