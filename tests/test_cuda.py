@@ -53,17 +53,19 @@ def test_greedy_generation_on_cuda_picks_the_cpus_tokens(toy):
     assert gpu == cpu
 
 
-def test_training_on_cuda_matches_the_cpu_and_resumes(corpus, tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_training_on_cuda_matches_the_cpu_and_resumes(corpus, tmp_path, checkpoint_format):
     """3 steps on the GPU give the CPU's losses (fp32 tolerance); the checkpoint (with the CUDA RNG
-    state) resumes on the GPU."""
-    recipe = dict(max_steps=3, eval_every=0, save_every=3)
+    state; full, or DCP shards of CUDA tensors) resumes on the GPU, and then on the CPU."""
+    recipe = dict(max_steps=3, eval_every=0, save_every=3, checkpoint_format=checkpoint_format)
     train_here(base_recipe(corpus, tmp_path / "cpu", **recipe))
     train_here(base_recipe(corpus, tmp_path / "gpu", **recipe, device="cuda"))
     for a, b in zip(metrics(tmp_path / "cpu"), metrics(tmp_path / "gpu")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["expert_load"] == a["expert_load"]
-    train_here(base_recipe(corpus, tmp_path / "gpu", max_steps=4, eval_every=0, device="cuda", resume=True))
-    assert [r["step"] for r in metrics(tmp_path / "gpu")] == [1, 2, 3, 4]
+    train_here(base_recipe(corpus, tmp_path / "gpu", **{**recipe, "max_steps": 4}, device="cuda", resume=True))
+    train_here(base_recipe(corpus, tmp_path / "gpu", **{**recipe, "max_steps": 5}, resume=True))  # device cpu
+    assert [r["step"] for r in metrics(tmp_path / "gpu")] == [1, 2, 3, 4, 5]
 
 
 def test_bf16_autocast_stays_close_to_fp32():

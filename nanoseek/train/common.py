@@ -214,14 +214,23 @@ def _save_sharded_checkpoint(run_dir, final, model, optimizer, state, keep_last,
     renames into place once DCP's metadata and the trainer files are written."""
     try:
         if parallel.is_main:
+            sent = []
+
             def write_weights(tmp: Path) -> None:
-                parallel.broadcast_object(str(tmp))
+                sent.append(parallel.broadcast_object(str(tmp)))
                 save_sharded(tmp / SHARDED_DIR, model, optimizer, parallel, tokenizer_dir)
 
-            _write_checkpoint(run_dir, final, write_weights, state, keep_last)
+            try:
+                _write_checkpoint(run_dir, final, write_weights, state, keep_last)
+            except BaseException:
+                if not sent:  # no staging folder: tell the others, who wait for its name
+                    parallel.broadcast_object(None)
+                raise
         else:
-            tmp = Path(parallel.broadcast_object(None))
-            save_sharded(tmp / SHARDED_DIR, model, optimizer, parallel)
+            tmp = parallel.broadcast_object(None)
+            if tmp is None:
+                raise CheckpointError(f"{final}: rank 0 could not create the checkpoint's staging folder")
+            save_sharded(Path(tmp) / SHARDED_DIR, model, optimizer, parallel)
     finally:
         parallel.barrier()
 
