@@ -16,9 +16,11 @@ Saving writes into a temporary folder renamed into place: a crash never leaves a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import struct
 import warnings
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ def hf_key_map(model: Transformer) -> dict[str, Slot]:
     """HF key -> Slot for every tensor the checkpoint holds (in a stable order)."""
     cfg = model.config
     out: dict[str, Slot] = {}
-    for name, _ in _named_tensors(model):
+    for name, _ in named_tensors(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         prefix, local = _hf_prefix(name, cfg.num_hidden_layers)
@@ -75,7 +77,7 @@ def hf_key_map(model: Transformer) -> dict[str, Slot]:
     return out
 
 
-def _named_tensors(model: Transformer):
+def named_tensors(model: Transformer):
     """Parameters and persistent buffers, each once (tied weights appear under their first name)."""
     yield from model.named_parameters()
     for mod_name, mod in model.named_modules():
@@ -123,49 +125,74 @@ def save_model(model: Transformer, path: str | Path, *, dtype: torch.dtype | Non
     path = Path(path)
     limit = _parse_size(max_shard_size)
     cfg = model.config
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     tensors: list[tuple[str, torch.Tensor]] = []
     for key, slot in hf_key_map(model).items():
         t = params[slot.name].detach()[slot.index] if slot.index else params[slot.name].detach()
-        keep_fp32 = key.endswith("gate.weight") or key.endswith("e_score_correction_bias")
-        if dtype is not None and not keep_fp32 and t.is_floating_point():
-            t = t.to(dtype)
-        tensors.append((key, t))
+        tensors.append((key, t.to(_storage_dtype(key, t.dtype, dtype))))
     for key, src in _mtp_copies(cfg).items():
         t = params["embed_tokens.weight" if cfg.tie_word_embeddings else src].detach()
         tensors.append((key, t.to(dtype) if dtype is not None else t))
 
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shards = plan_shards([(key, t.numel() * t.element_size()) for key, t in tensors], limit)
+    values = dict(tensors)
+    with _staged_model_dir(path) as tmp:
+        weight_map = {}
+        for fname, keys in zip(shard_names(len(shards)), shards):
+            write_shard(tmp / fname, {k: values[k].to("cpu").contiguous().clone() for k in keys})
+            weight_map.update(dict.fromkeys(keys, fname))
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        write_config_and_index(tmp, cfg, dtype or model.dtype, weight_map, total)
+    return path
+
+
+def plan_shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Split (key, bytes) in order into shards of at most `limit` bytes (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
+    for key, nbytes in sizes:
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append((key, t))
+        shards[-1].append(key)
         size += nbytes
+    return shards
 
+
+def shard_names(n: int) -> list[str]:
+    """File names of n weight shards, as transformers writes them."""
+    return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, file, metadata={"format": "pt"})
+    chmod_like_new(file)  # save_file writes through mkstemp (0600)
+
+
+def write_config_and_index(folder: Path, cfg: ModelConfig, dtype: torch.dtype, weight_map: dict[str, str],
+                           total_bytes: int) -> None:
+    """config.json (torch_dtype: the stored dtype), and the index when the weights span several files."""
+    if len(set(weight_map.values())) > 1:
+        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_bytes},
+                                                     "weight_map": weight_map}, indent=2))
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def _staged_model_dir(path: Path):
+    """staged_dir for a model folder: files of an earlier save are dropped (a stale index would win);
+    tokenizer, logs etc. are kept."""
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save a model to {path}: it exists and is not a folder")
-    # files of an earlier save are dropped (a stale index would win); tokenizer, logs etc. are kept
-    with staged_dir(path, keep_old=lambda name: not _is_model_file(name)) as tmp:
-        names = ([SINGLE_NAME] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        weight_map = {}
-        for fname, shard in zip(names, shards):
-            save_file({k: t.to("cpu").contiguous().clone() for k, t in shard}, tmp / fname,
-                      metadata={"format": "pt"})
-            chmod_like_new(tmp / fname)  # save_file writes through mkstemp (0600)
-            weight_map.update({k: fname for k, _ in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for _, t in tensors)
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                      "weight_map": weight_map}, indent=2))
-        hf = cfg.to_hf()
-        stored = dtype or model.dtype
-        hf["torch_dtype"] = str(stored).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    return path
+    return staged_dir(path, keep_old=lambda name: not _is_model_file(name))
+
+
+def _storage_dtype(key: str, dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    """The dtype an HF tensor is stored in: `wanted` for floating-point weights, except the routing
+    gate and e_score_correction_bias, which stay as they are (fp32)."""
+    keep = key.endswith("gate.weight") or key.endswith("e_score_correction_bias")
+    return dtype if wanted is None or keep or not dtype.is_floating_point else wanted
 
 
 def _is_model_file(name: str) -> bool:
@@ -345,7 +372,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     model = model.to(dtype=dtype).to_empty(device=device)
     model.rotary.inv_freq = rope_frequencies(config)[0].to(device)  # computed, never read from disk
 
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for key, info in headers.items():
         if key in expected:
@@ -362,7 +389,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 
 
 def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], headers: dict[str, TensorInfo]):
-    params = dict(_named_tensors(model))
+    params = dict(named_tensors(model))
     missing = [k for k in expected if k not in headers]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -424,3 +451,188 @@ def _load_one(key: str, info: TensorInfo, f, target: torch.Tensor, headers: dict
         _read_into(info, f, target)
     else:
         target.copy_(read_tensor(info, f))
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------
+# A sharded model folder holds config.json, the tokenizer files, and what torch.distributed.checkpoint
+# (DCP) wrote: `.metadata` and one `__{rank}_0.distcp` file per rank that saved. DCP keys:
+#   model.{name}             a parameter or persistent buffer (`name` as in Transformer.named_parameters)
+#   model.{name}.{j}         expert j of a stacked routed-experts tensor (gate_up[j]: (2I, D), down[j]: (D, I))
+#   optim.{name}[.{j}].{k}   the optimizer's state k (exp_avg, exp_avg_sq, step) of that tensor
+# Experts are stored one by one so that the layout is the same whatever the expert-parallel degree and
+# the world size of the run that wrote it: any run can read any expert, and so can `consolidate`.
+SHARDED_DIR = "sharded"  # the sharded model folder inside a training checkpoint
+DCP_METADATA = ".metadata"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_expert_stack(name: str) -> bool:
+    """Whether a parameter name is a stacked routed-experts tensor (E, ...) (saved expert by expert)."""
+    return name.endswith((".experts.gate_up", ".experts.down"))
+
+
+def sharded_key(name: str, expert: int | None = None, prefix: str = "model") -> str:
+    """The DCP key of a tensor, or of one expert of a stacked-experts tensor."""
+    return f"{prefix}.{name}" if expert is None else f"{prefix}.{name}.{expert}"
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, model_dir: Path) -> None:
+    """Put the tokenizer files beside the weights, so the model folder is self-contained."""
+    src = Path(tokenizer_dir)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, model_dir / name)
+
+
+def resolve_sharded_dir(path: str | Path) -> Path:
+    """A sharded model folder (DCP's .metadata), a training checkpoint holding one in sharded/, or a run
+    folder, whose newest checkpoint is taken."""
+    path = Path(path)
+    for candidate in (path, path / SHARDED_DIR):
+        if (candidate / DCP_METADATA).is_file():
+            return candidate
+    steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    if steps:
+        if (steps[-1] / SHARDED_DIR / DCP_METADATA).is_file():
+            return steps[-1] / SHARDED_DIR
+        raise CheckpointError(f"{steps[-1]}: the newest checkpoint of {path} is not sharded (its model/ "
+                              "folder is already an HF model folder)")
+    raise CheckpointError(f"{path}: neither a sharded checkpoint (torch.distributed.checkpoint "
+                          f"{DCP_METADATA}) nor a run folder with checkpoints/")
+
+
+def read_sharded_metadata(folder: Path) -> dict:
+    """DCP key -> its TensorStorageMetadata (global size and dtype) of a sharded model folder."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception as e:  # a missing, truncated or foreign .metadata: unpickling fails in many ways
+        raise CheckpointError(f"{folder / DCP_METADATA} does not load: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def load_sharded_tensors(folder: Path, tensors: dict[str, torch.Tensor], *, no_dist: bool = False) -> None:
+    """Fill `tensors` (DCP key -> this process's tensor, a DTensor or a plain one) in place from a
+    sharded folder. Collective under torch.distributed unless no_dist. Errors name the folder."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with single_process_quietly():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=no_dist)
+    except dcp.api.CheckpointException as e:  # a BaseException: one entry per failed rank
+        first = next(iter(e.failures.values()), e)
+        raise CheckpointError(f"{folder} does not load: {_first_line(first)}") from None
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:
+        raise CheckpointError(f"{folder} does not load: {type(e).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def single_process_quietly():
+    """DCP in one process warns on every call that it assumes one process: that is what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _first_line(error) -> str:
+    text = str(error[0] if isinstance(error, tuple) else error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+@dataclass
+class ConsolidateSummary:
+    path: Path
+    tensors: int
+    files: int
+    bytes: int
+    largest_shard: int  # bytes of the largest file written: what a shard holds in memory at once
+
+
+def consolidate(source: str | Path, out: str | Path, *, max_shard_size: int | str = "5GB",
+                dtype: torch.dtype | None = None) -> ConsolidateSummary:
+    """Write the HF model folder of a sharded checkpoint (see SHARDED_DIR), one safetensors shard at a
+    time: the tensors of a shard are read from DCP's files (whatever world size wrote them), written,
+    and freed before the next shard, so memory holds about one shard (max_shard_size), never the model.
+    The result is what save_model writes (dtype as there); the tokenizer files are copied."""
+    src = resolve_sharded_dir(source)
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src}: config.json is missing")
+    config = ModelConfig.from_hf(src / "config.json")
+    stored = read_sharded_metadata(src)
+    plan = _consolidation_plan(src, config, stored)  # [(HF key, DCP key, index into it, stored dtype)]
+    sizes = [(key, math.prod(_index_shape(stored[dkey].size, index)) * dtype_size(_storage_dtype(key, dt, dtype)))
+             for key, dkey, index, dt in plan]
+    shards = plan_shards(sizes, _parse_size(max_shard_size))
+    by_key = {p[0]: p for p in plan}
+    nbytes = dict(sizes)
+    out = Path(out)
+    with _staged_model_dir(out) as tmp:
+        weight_map = {}
+        for fname, keys in zip(shard_names(len(shards)), shards):
+            write_shard(tmp / fname, _read_shard(src, [by_key[k] for k in keys], stored, dtype))
+            weight_map.update(dict.fromkeys(keys, fname))
+        write_config_and_index(tmp, config, dtype or _plan_dtype(plan), weight_map, sum(nbytes.values()))
+        copy_tokenizer(src, tmp)
+    largest = max(sum(nbytes[k] for k in keys) for keys in shards)
+    return ConsolidateSummary(out, len(plan), len(shards), sum(nbytes.values()), largest)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _consolidation_plan(src: Path, config: ModelConfig, stored: dict) -> list[tuple]:
+    """For every tensor save_model would write: (HF key, DCP key, index into the DCP tensor, its dtype),
+    checked against the checkpoint's metadata (CheckpointError names a missing or misshaped tensor)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = dict(named_tensors(model))
+    plan = []
+    for key, slot in hf_key_map(model).items():
+        if is_expert_stack(slot.name):
+            dkey, index, shape = sharded_key(slot.name, slot.index[0]), slot.index[1:], params[slot.name].shape[1:]
+        else:
+            dkey, index, shape = sharded_key(slot.name), (), params[slot.name].shape
+        plan.append((key, dkey, index, shape))
+    for key, name in _mtp_copies(config).items():
+        name = "embed_tokens.weight" if config.tie_word_embeddings else name
+        plan.append((key, sharded_key(name), (), params[name].shape))
+    checked = []
+    for key, dkey, index, shape in plan:
+        if dkey not in stored:
+            raise CheckpointError(f"{src}: tensor '{dkey}' (for '{key}') is missing from the sharded checkpoint")
+        if tuple(stored[dkey].size) != tuple(shape):
+            raise CheckpointError(f"{src}: tensor '{dkey}' has shape {tuple(stored[dkey].size)}, expected "
+                                  f"{tuple(shape)} (config.json)")
+        checked.append((key, dkey, index, stored[dkey].properties.dtype))
+    return checked
+
+
+def _index_shape(size, index: tuple) -> tuple:
+    """The shape of tensor[index] for a tensor of `size`, index a tuple of slices."""
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, size)) + tuple(size)[len(index):]
+
+
+def _plan_dtype(plan: list[tuple]) -> torch.dtype:
+    """The dtype most stored bytes have (what config.json's torch_dtype says)."""
+    dtypes = [p[3] for p in plan]
+    return max(set(dtypes), key=dtypes.count)
+
+
+def _read_shard(src: Path, items: list[tuple], stored: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The HF tensors of one output shard, read from the DCP files (only the keys it needs). A DCP
+    tensor is dropped as soon as its last HF tensor is cut from it."""
+    wanted = {dkey for _, dkey, _, _ in items}
+    buffers = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in wanted}
+    load_sharded_tensors(src, buffers, no_dist=True)
+    uses = {k: sum(1 for it in items if it[1] == k) for k in wanted}
+    out = {}
+    for key, dkey, index, dt in items:
+        t = buffers[dkey][index] if index else buffers[dkey]
+        out[key] = t.to(_storage_dtype(key, dt, dtype)).contiguous()
+        if (index or uses[dkey] > 1) and out[key].data_ptr() == t.data_ptr():
+            out[key] = out[key].clone()  # tensors sharing memory (slices, MTP copies): safetensors refuses
+        uses[dkey] -= 1
+        if not uses[dkey]:
+            del buffers[dkey]
+    return out

@@ -1,7 +1,11 @@
-"""Fixtures shared by several test modules: one CPU thread for tiny models, the toy chat model, and a
-random tiny MoE with a byte-level tokenizer for the reasoning tasks."""
+"""Fixtures shared by several test modules: one CPU thread for tiny models, the toy chat model, a random
+tiny MoE with a byte-level tokenizer for the reasoning tasks, and a small training corpus. Tests marked
+`cuda` (see pyproject.toml) are skipped, with the reason, where torch sees no CUDA device."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 import torch
@@ -12,6 +16,16 @@ TINY_TASK_MODEL = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe
                        n_group=1, topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16,
                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
                        num_nextn_predict_layers=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `cuda` tests on a machine without a CUDA device (`pytest -m cuda` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +91,30 @@ def save_task_model(root, **model):
 def tiny_task_model(tmp_path_factory):
     """A random TINY_TASK_MODEL with a byte-level tokenizer (trained on addition3 text) beside it."""
     return save_task_model(tmp_path_factory.mktemp("tiny-task") / "model", **TINY_TASK_MODEL)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A tokenizer, a pretraining data folder and a chat (SFT) data folder; no network (the training
+    tests on several processes, and on CUDA)."""
+    from nanoseek.data import prepare
+    from nanoseek.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "moe", "expert", "latent", "token", "route", "cache"]
+    files = []
+    for i in range(12):
+        f = root / f"doc{i}.txt"
+        f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 999)}."
+                               for _ in range(60)))
+        files.append(f)
+    tok = Tokenizer.train((f.read_text() for f in files), vocab_size=400)
+    tok.save(root / "tok")
+    prepare(tok, files, root / "data", val_fraction=0.2, progress=False)
+    chats = root / "chat.jsonl"  # replies of very different lengths: ranks hold different target counts
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"route token {i} to which expert?"},
+        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}]}) + "\n"
+        for i in range(80)))
+    prepare(tok, [chats], root / "sft", val_fraction=0.2, progress=False)
+    return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -58,36 +57,10 @@ def train_cli(recipe: dict) -> list[str]:
 
 
 # ---- data and reference runs ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tokenizer, a pretraining data folder and a chat (SFT) data folder; no network."""
-    from nanoseek.data import prepare
-    from nanoseek.tokenizer import Tokenizer
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "moe", "expert", "latent", "token", "route", "cache"]
-    files = []
-    for i in range(12):
-        f = root / f"doc{i}.txt"
-        f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 999)}."
-                               for _ in range(60)))
-        files.append(f)
-    tok = Tokenizer.train((f.read_text() for f in files), vocab_size=400)
-    tok.save(root / "tok")
-    prepare(tok, files, root / "data", val_fraction=0.2, progress=False)
-    chats = root / "chat.jsonl"  # replies of very different lengths: ranks hold different target counts
-    chats.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"route token {i} to which expert?"},
-        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}]}) + "\n"
-        for i in range(80)))
-    prepare(tok, [chats], root / "sft", val_fraction=0.2, progress=False)
-    return root
-
-
 def base_recipe(corpus: Path, out: Path, **overrides) -> dict:
     values = dict(out=str(out), data=str(corpus / "data"), tokenizer=str(corpus / "tok"), preset="tiny",
                   model=SMALL_MODEL, batch_size=4, seq_len=32, max_steps=6, eval_every=3, eval_batches=2,
-                  save_every=3, warmup_steps=2, lr=3e-3, progress=False)
+                  save_every=3, warmup_steps=2, lr=3e-3, progress=False, device="cpu")  # gloo, also on a GPU host
     values.update(overrides)
     return values
 
@@ -125,12 +98,16 @@ def assert_same_run(single: Path, parallel: Path, steps: int) -> dict:
     return diffs
 
 
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
+def reference_run(corpus: Path, tmp_path_factory) -> Path:
     """One process, 6 steps, global batch 4."""
     out = tmp_path_factory.mktemp("ref") / "run"
     train_here(base_recipe(corpus, out))
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    return reference_run(corpus, tmp_path_factory)
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -157,10 +134,10 @@ def test_fsdp_data_parallel_matches_one_process_sft(corpus, tmp_path):
 
 
 def test_expert_parallel_matches_one_process_and_resumes_on_one(corpus, reference, tmp_path):
-    """EP=2 for 3 steps (checkpoint gathered to one HF folder), then resumed by a single process: the
-    same 6 steps as the single-process reference."""
+    """EP=2 for 3 steps (checkpoint_format "full": gathered to one HF folder), then resumed by a single
+    process: the same 6 steps as the single-process reference. (Sharded checkpoints: test_sharded.py.)"""
     run = tmp_path / "ep"
-    torchrun(train_cli(base_recipe(corpus, run, max_steps=3)), ep=2)
+    torchrun(train_cli(base_recipe(corpus, run, max_steps=3, checkpoint_format="full")), ep=2)
     from nanoseek import load_model
     ckpt = run / "checkpoints" / "step-0000003"
     model = load_model(ckpt / "model")  # a plain single-process model, all 8 experts per layer
@@ -206,7 +183,7 @@ def grpo_recipe(policy: Path, out: Path, **overrides) -> dict:
     values = dict(init_from=str(policy), out=str(out), task="addition3", prompts_per_step=4, group_size=4,
                   max_new_tokens=12, mask_truncated=False, mu=2, beta=0.05, micro_batch=3, max_steps=2, lr=1e-3,
                   save_every=1, eval_every=2, eval_n=6, bias_update_speed=0.01, progress=False,
-                  rewards={"test_distributed:checksum_reward": 1.0, "format": 0.1})
+                  rewards={"test_distributed:checksum_reward": 1.0, "format": 0.1}, device="cpu")
     values.update(overrides)
     return values
 

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import SHARDED_DIR, copy_tokenizer, load_model, save_model
 from ..errors import CheckpointError, NanoseekError
 from ..model import Transformer
 from ..runio import LEGACY_STAGING, chmod_like_new, pyplot, read_metrics, remove_stale_staging, save_figure, staged_dir
 from .recipe import TrainRecipe
+from .sharded import is_sharded_checkpoint, load_sharded, save_sharded
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -174,40 +175,78 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int, tokenizer_dir: str | None = None, *, parallel) -> Path:
-    """checkpoints/step-NNNNNNN/{model/, optimizer.safetensors, trainer.json}, via a temp folder and a
-    rename; then keep only the last `keep_last`.
+                    state: dict, keep_last: int, tokenizer_dir: str | None = None, *, parallel,
+                    sharded: bool = False) -> Path:
+    """checkpoints/step-NNNNNNN/{model/, optimizer.safetensors, rng.safetensors, trainer.json}, via a
+    temp folder and a rename; then keep only the last `keep_last`.
 
     parallel (loop.SingleProcess or distributed.Parallel): every rank calls this; the full tensors are
-    gathered to rank 0, which writes the same files a single process would; the others wait for it."""
+    gathered to rank 0, which writes the same files a single process would; the others wait for it.
+    sharded: instead of model/ and optimizer.safetensors, sharded/ where every rank writes its own
+    shards through torch.distributed.checkpoint (see sharded.py); nothing is gathered."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
-    tensors, groups = parallel.gather_optimizer(optimizer, model), _optimizer_groups(optimizer)
+    state = {**state, "step": step, "param_groups": _optimizer_groups(optimizer)}
+    if sharded:
+        _save_sharded_checkpoint(run_dir, final, model, optimizer, state, keep_last, tokenizer_dir, parallel)
+        return final
+    tensors = parallel.gather_optimizer(optimizer, model)
     model = parallel.gather_model(model)  # the model itself, or a plain copy on rank 0 (None elsewhere)
     if not parallel.is_main:
         parallel.barrier()
         return final
+
+    def write_weights(tmp: Path) -> None:
+        save_model(model, tmp / "model")
+        if tokenizer_dir:
+            copy_tokenizer(tokenizer_dir, tmp / "model")
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        chmod_like_new(tmp / OPTIMIZER_FILE)  # save_file writes through mkstemp: 0600
+
     try:
-        _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir)
+        _write_checkpoint(run_dir, final, write_weights, state, keep_last)
     finally:
         parallel.barrier()
     return final
 
 
-def _write_checkpoint(run_dir, final, model, tensors, groups, state, step, keep_last, tokenizer_dir) -> None:
-    root = run_dir / "checkpoints"
+def _save_sharded_checkpoint(run_dir, final, model, optimizer, state, keep_last, tokenizer_dir, parallel) -> None:
+    """Every rank writes its shards into rank 0's staging folder (its name is broadcast), which rank 0
+    renames into place once DCP's metadata and the trainer files are written."""
+    try:
+        if parallel.is_main:
+            sent = []
+
+            def write_weights(tmp: Path) -> None:
+                sent.append(parallel.broadcast_object(str(tmp)))
+                save_sharded(tmp / SHARDED_DIR, model, optimizer, parallel, tokenizer_dir)
+
+            try:
+                _write_checkpoint(run_dir, final, write_weights, state, keep_last)
+            except BaseException:
+                if not sent:  # no staging folder: tell the others, who wait for its name
+                    parallel.broadcast_object(None)
+                raise
+        else:
+            tmp = parallel.broadcast_object(None)
+            if tmp is None:
+                raise CheckpointError(f"{final}: rank 0 could not create the checkpoint's staging folder")
+            save_sharded(Path(tmp) / SHARDED_DIR, model, optimizer, parallel)
+    finally:
+        parallel.barrier()
+
+
+def _write_checkpoint(run_dir: Path, final: Path, write_weights, state: dict, keep_last: int) -> None:
+    """Rank 0: the checkpoint folder, staged: write_weights(staging folder), then the RNG state and
+    trainer.json; then the oldest checkpoints beyond keep_last go."""
     with staged_dir(final) as tmp:
-        save_model(model, tmp / "model")
-        if tokenizer_dir:
-            copy_tokenizer(tokenizer_dir, tmp / "model")
-        save_file(tensors, tmp / OPTIMIZER_FILE)
+        write_weights(tmp)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file({f"rng.{k}": v for k, v in rng.items()}, tmp / RNG_FILE)
-        for name in (OPTIMIZER_FILE, RNG_FILE):  # save_file writes through mkstemp: 0600
-            chmod_like_new(tmp / name)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
+        chmod_like_new(tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    for old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -281,33 +320,49 @@ def _read_state(path: Path) -> dict:
 
 def load_checkpoint(ckpt: Path, optimizer_for, device, *, parallel
                     ) -> tuple[Transformer, torch.optim.Optimizer, dict]:
-    """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint.
-    Every file is read (and checked) before anything changes, so a bad checkpoint leaves the process as
-    it was: CheckpointError names the file. The RNG state is restored last.
+    """Model, optimizer (built by optimizer_for(model), then filled) and trainer state of a checkpoint,
+    full or sharded. Every file is read (and checked) before anything changes, so a bad checkpoint
+    leaves the process as it was: CheckpointError names the file. The RNG state is restored last.
 
-    parallel: every rank reads the full checkpoint, then the model is parallelized and each rank keeps
-    its shards of weights and optimizer state; the world size may differ from the saving run's."""
-    for name in ("model", OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
+    parallel: a full checkpoint is read whole by every rank, then the model is parallelized and each
+    rank keeps its shards of weights and optimizer state; a sharded one is read shard by shard into the
+    parallelized model. Either way the world size may differ from the saving run's."""
+    sharded = is_sharded_checkpoint(ckpt)
+    for name in (SHARDED_DIR,) if sharded else ("model", OPTIMIZER_FILE):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
+    for name in (STATE_FILE, RNG_FILE):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
     state = _read_state(ckpt / STATE_FILE)
-    with _reading(ckpt / OPTIMIZER_FILE):
-        tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
     with _reading(ckpt / RNG_FILE):
         rng = load_file(ckpt / RNG_FILE)
         if "rng.torch" not in rng:
             raise KeyError("rng.torch")
+    if sharded:
+        with _reading(ckpt / SHARDED_DIR):
+            model, optimizer, tensors = load_sharded(ckpt / SHARDED_DIR, optimizer_for, device, parallel)
+    else:
+        model, optimizer, tensors = _load_full(ckpt, optimizer_for, device, parallel)
+    with _reading(ckpt / (SHARDED_DIR if sharded else OPTIMIZER_FILE)):
+        _restore_optimizer(optimizer, tensors, state["param_groups"])
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
+    return model, optimizer, state
+
+
+def _load_full(ckpt: Path, optimizer_for, device, parallel):
+    """model/ and optimizer.safetensors, read whole, then cut into this rank's shards."""
+    with _reading(ckpt / OPTIMIZER_FILE):
+        tensors = load_file(ckpt / OPTIMIZER_FILE, device=str(device))
     with _reading(ckpt / "model"):
         model = load_model(ckpt / "model", device=device, dtype=torch.float32).train()
     model = parallel.parallelize(model)
     optimizer = optimizer_for(model)
     with _reading(ckpt / OPTIMIZER_FILE):
         tensors = parallel.shard_optimizer_state(optimizer, model, tensors)
-        _restore_optimizer(optimizer, tensors, state["param_groups"])
-    torch.set_rng_state(rng["rng.torch"])
-    if "rng.cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["rng.cuda"])
-    return model, optimizer, state
+    return model, optimizer, tensors
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -335,11 +390,3 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: 
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def copy_tokenizer(tokenizer_dir: str | Path, model_dir: Path) -> None:
-    """Put the tokenizer files beside the weights, so the model folder is self-contained."""
-    src = Path(tokenizer_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, model_dir / name)

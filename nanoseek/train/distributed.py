@@ -20,9 +20,11 @@ the non-expert gradients over W. An expert's owner already sums the contribution
 The aux-loss-free bias update uses expert loads summed over all W ranks (`all_reduce_sum`), so every
 rank applies the same bias change a single process would.
 
-Checkpoints stay the single-process format (HF model folder + optimizer.safetensors with full tensors):
-`gather_model` / `gather_optimizer` assemble full tensors on rank 0, `shard_optimizer_state` cuts them
-back into this rank's pieces, so a run can resume on any world size, or on one process.
+Checkpoints: sharded by default under torchrun (sharded.py: every rank writes its own shards through
+torch.distributed.checkpoint, nothing is gathered), or, with checkpoint_format = "full", the
+single-process format (HF model folder + optimizer.safetensors with full tensors): `gather_model` /
+`gather_optimizer` assemble full tensors on rank 0, `shard_optimizer_state` cuts them back into this
+rank's pieces. Either resumes on any world size, or on one process.
 """
 
 from __future__ import annotations
@@ -154,6 +156,12 @@ class Parallel:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # -- the model and the optimizer (loop.SingleProcess has the same methods for one process) ---------
     def parallelize(self, model: Transformer) -> Transformer:

@@ -9,7 +9,10 @@ A run folder holds:
 
 The loop: SIGINT/SIGTERM and max_seconds (CPU time) stop it after the current step, with a checkpoint;
 every `save_every` steps a checkpoint; a non-finite loss stops it before the step changes anything.
-`resume` continues from the latest checkpoint, bit for bit on CPU.
+`resume` continues from the latest checkpoint, bit for bit on CPU. checkpoint_format: "full" (the above),
+"sharded" (checkpoints/step-N/sharded/ instead of model/ and optimizer.safetensors: every rank writes its
+own shards, see sharded.py), or "auto" (sharded under torchrun, full in one process); a run resumes from
+either, on any number of processes.
 
 Under torchrun the algorithms hold a `distributed.Parallel`; in a single process a `SingleProcess`, the
 same interface with one rank (collectives are the identity), so no code branches on which it is.
@@ -28,11 +31,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import save_model
+from ..checkpoint import SHARDED_DIR, consolidate, save_model
 from ..errors import CheckpointError, NanoseekError
 from ..runio import MetricsLogger
 from .common import (copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
                      remove_stale_checkpoint_staging, save_checkpoint, update_routing_bias)
+from .sharded import use_sharded
 
 
 class TrainingError(NanoseekError):
@@ -89,6 +93,9 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def broadcast_object(self, obj):
+        return obj
 
     def parallelize(self, model):
         return model
@@ -177,6 +184,8 @@ class RunFolder:
                                   "or choose another out folder")
         self.resumed_from = latest if recipe.resume else None
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.sharded = use_sharded(recipe.checkpoint_format, parallel.world_size)
+        self.saved: tuple[int, Path] | None = None  # (step, folder) of this run's last checkpoint
 
     def load(self, optimizer_for, device) -> tuple:
         """Model, optimizer and state of the checkpoint to resume from (the newest that loads: see
@@ -198,11 +207,21 @@ class RunFolder:
 
     def save(self, step: int, model, optimizer, state: dict) -> None:
         state = {**state, "recipe": {k: getattr(self.recipe, k) for k in self.recipe.RESUME_KEYS}}
-        save_checkpoint(self.dir, step, model, optimizer, state, self.recipe.keep_last, self.tokenizer_dir,
-                        parallel=self.parallel)
+        path = save_checkpoint(self.dir, step, model, optimizer, state, self.recipe.keep_last, self.tokenizer_dir,
+                               parallel=self.parallel, sharded=self.sharded)
+        self.saved = (step, path)
 
-    def publish(self, model) -> None:
-        """model/: the HF-format model and the tokenizer (gathered from the shards, written by rank 0)."""
+    def publish(self, model, step: int | None = None) -> None:
+        """model/: the HF-format model and the tokenizer, written by rank 0. With sharded checkpoints, the
+        one just saved at `step` is consolidated shard by shard (the model is never gathered); else the
+        model is gathered from the shards."""
+        if self.sharded and self.saved is not None and self.saved[0] == step:
+            try:
+                if self.parallel.is_main:
+                    consolidate(self.saved[1] / SHARDED_DIR, self.dir / "model")
+            finally:  # the other ranks wait for rank 0, also when it fails
+                self.parallel.barrier()
+            return
         model = self.parallel.gather_model(model)
         if self.parallel.is_main:
             save_model(model, self.dir / "model")
@@ -308,7 +327,7 @@ def run_loop(algo: Algorithm) -> dict:
         bar.close()
         if logger is not None:
             logger.close()
-    folder.publish(algo.model)
+    folder.publish(algo.model, step)
     summary = algo.summary(stopped_by)
     if main:
         algo.plot()

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 
 MODES = ("pretrain", "sft")
 SCHEDULES = ("cosine", "wsd", "constant")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # see train/sharded.py
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunRecipe:
     log_every: int = 1
     save_every: int = 50
     keep_last: int = 2
+    checkpoint_format: str = "auto"  # full: HF model/ + optimizer file; sharded: per-rank DCP; auto: sharded under torchrun
     resume: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True
@@ -70,6 +72,8 @@ class RunRecipe:
                 self.bad(name, "must be a finite number", source)
         if self.schedule not in SCHEDULES:
             self.bad("schedule", f"must be one of {SCHEDULES}", source)
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            self.bad("checkpoint_format", f"must be one of {CHECKPOINT_FORMATS}", source)
         for name in ("max_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 self.bad(name, "must be at least 1", source)
