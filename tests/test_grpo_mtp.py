@@ -39,8 +39,12 @@ def checksum_reward(prompts, completions, **_):
     return [float(sum(map(ord, c)) % 7) for c in completions]
 
 
-def trainer(recipe) -> GRPOTrainer:
-    t = GRPOTrainer(recipe)
+class TrunkGradientTrainer(GRPOTrainer):
+    mtp_trunk_gradient = True
+
+
+def trainer(recipe, cls=GRPOTrainer) -> GRPOTrainer:
+    t = cls(recipe)
     t.rewards = Rewards([("checksum", checksum_reward, 1.0)])
     return t
 
@@ -91,16 +95,20 @@ def test_recipe_field(tmp_path):
 def test_policy_update_is_exactly_the_one_without_mtp_loss(mtp_policy, tmp_path, monkeypatch):
     """Weight 0: no MTP forward at all, the MTP weights as they were; weight 0.3: the same policy weights
     and losses bit for bit (also when grad_clip bites: the MTP gradients are clipped on their own),
-    the MTP weights trained, mtp_loss and mtp_grad_norm logged."""
+    the MTP weights trained, mtp_loss and mtp_grad_norm logged. With mtp_trunk_gradient (the measured
+    alternative) the MTP loss moves the policy."""
     runs = {}
-    for weight in (0.3, 0.0):
-        out = tmp_path / f"w{weight}"
+    arms = (("on", 0.3, GRPOTrainer), ("trunk", 0.3, TrunkGradientTrainer), ("off", 0.0, GRPOTrainer))
+    for name, weight, cls in arms:
+        out = tmp_path / name
         if weight == 0:  # the MTP modules never run
             monkeypatch.setattr(nanoseek.Transformer, "mtp_logits", lambda *a, **k: pytest.fail("MTP forward"))
-        trainer(_recipe(mtp_policy, out, mtp_loss_weight=weight, grad_clip=0.05, mu=2, beta=0.05)).run()
-        runs[weight] = (rows(out), nanoseek.load_model(out / "model").state_dict())
+        trainer(_recipe(mtp_policy, out, mtp_loss_weight=weight, grad_clip=0.05, mu=2, beta=0.05), cls).run()
+        runs[name] = (rows(out), nanoseek.load_model(out / "model").state_dict())
     start_policy, start_mtp = split(nanoseek.load_model(mtp_policy).state_dict())
-    (on_rows, on), (off_rows, off) = runs[0.3], runs[0.0]
+    (on_rows, on), (off_rows, off), (trunk_rows, trunk) = runs["on"], runs["off"], runs["trunk"]
+    assert not same(split(trunk)[0], split(off)[0]) and "mtp_grad_norm" not in trunk_rows[-1]
+    assert trunk_rows[0]["mtp_loss"] == on_rows[0]["mtp_loss"]  # the same start, the same rollouts
     assert same(split(on)[0], split(off)[0]) and not same(split(on)[0], start_policy)
     assert same(split(off)[1], start_mtp) and not any(torch.equal(split(on)[1][k], v) for k, v in start_mtp.items()
                                                       if "norm" not in k and "bias" not in k)

@@ -311,6 +311,9 @@ class GRPOTrainer(Algorithm):
 
     name = "grpo"
     eval_key = "eval_accuracy"
+    # the MTP loss's gradient stops at the MTP modules (True: it also trains the trunk, embeddings and
+    # head, as in pretraining, and shares the policy's gradient clip; bench/mtp_grpo.py compares)
+    mtp_trunk_gradient: ClassVar[bool] = False
 
     def __init__(self, recipe: GRPORecipe, parallel=None):
         self.recipe = recipe.validate()
@@ -500,7 +503,7 @@ class GRPOTrainer(Algorithm):
         ids = batch.micro_batch(j)[0]
         if not self.mtp_depths:
             return *completion_logprobs(self.model, ids, self.recipe.temperature, with_entropy), None
-        logits, mtp = self.model(ids, return_mtp=True, mtp_detach_trunk=True)
+        logits, mtp = self.model(ids, return_mtp=True, mtp_detach_trunk=not self.mtp_trunk_gradient)
         logp, entropy = token_logprobs(logits, ids, self.recipe.temperature, with_entropy)
         # depth k's logits (B, T-k) at i predict ids[i+k+1]: the last has no target
         mtp_loss = mtp_cross_entropy([m[:, :-1] for m in mtp], ids[:, 1:], batch.mtp_masks(j, len(mtp)),
@@ -513,7 +516,7 @@ class GRPOTrainer(Algorithm):
         own and stepped by the same AdamW (its state is per parameter). Returns the gradient norms."""
         r = self.recipe
         held = {}
-        if self.mtp_depths:
+        if self.mtp_depths and not self.mtp_trunk_gradient:
             for p in self.model.mtp.parameters():
                 held[p], p.grad = p.grad, None
         norm, _ = optimizer_step(self.model, self.optimizer, loads, lr, r, self.parallel)
