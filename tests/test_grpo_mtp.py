@@ -91,6 +91,19 @@ def test_recipe_field(tmp_path):
             load_grpo_recipe(f, {"mtp_loss_weight": bad})
 
 
+def test_cli_option(mtp_policy, tmp_path, capsys):
+    from nanoseek.cli import main
+    recipe = tmp_path / "g.toml"
+    recipe.write_text(f'init_from = "{mtp_policy}"\ntask = "addition3"\nmax_steps = 1\nprompts_per_step = 1\n'
+                      'group_size = 2\nmax_new_tokens = 4\nprogress = false\n')
+    assert main(["grpo", "--recipe", str(recipe), "--out", str(tmp_path / "x"), "--mtp-loss-weight", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "'mtp_loss_weight'" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+    assert main(["grpo", "--recipe", str(recipe), "--out", str(tmp_path / "y"), "--mtp-loss-weight", "0.1"]) == 0
+    assert json.loads((tmp_path / "y" / "recipe.json").read_text())["mtp_loss_weight"] == 0.1
+
+
 # ---- the update ---------------------------------------------------------------------------------
 def test_policy_update_is_exactly_the_one_without_mtp_loss(mtp_policy, tmp_path, monkeypatch):
     """Weight 0: no MTP forward at all, the MTP weights as they were; weight 0.3: the same policy weights
