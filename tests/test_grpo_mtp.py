@@ -158,6 +158,9 @@ def test_mtp_targets_cover_prompt_and_completion_not_padding(mtp_policy, tmp_pat
     masks = torch.cat([batch.mtp_masks(j, 1)[0] for j in range(len(batch.chunks))])
     assert masks.sum(dim=1).tolist() == [n - 2 for n in lengths]
     assert masks.shape[1] == batch.ids.shape[1] - 2
+    # a rank that keeps nothing runs a stand-in row (collectives stay in step) that counts no target
+    empty = t._pack(ro, [], torch.ones(len(kept)))
+    assert empty.mtp_targets == [0.0] and not empty.mtp_masks(0, 1)[0].any()
 
 
 def test_resume_is_exact_with_the_mtp_loss(mtp_policy, tmp_path):

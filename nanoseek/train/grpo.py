@@ -440,9 +440,9 @@ class GRPOTrainer(Algorithm):
         adv = advantages[kept].to(self.device) if kept else torch.zeros(1, device=self.device)
         n = self.recipe.micro_batch
         chunks = [slice(s, s + n) for s in range(0, ids.shape[0], n)]
-        lengths = torch.tensor([len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in rows])
-        mtp_targets = [float((lengths - k - 1).clamp(min=0).sum()) if kept else 0.0
-                       for k in range(1, self.mtp_depths + 1)]
+        lengths = torch.tensor([len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in kept], dtype=torch.long)
+        lengths = lengths if kept else torch.zeros(1, dtype=torch.long)  # the stand-in row counts no MTP target
+        mtp_targets = [float((lengths - k - 1).clamp(min=0).sum()) for k in range(1, self.mtp_depths + 1)]
         return UpdateBatch(ids.to(self.device), mask.to(self.device), adv, chunks, float(len(kept)),
                            float(mask.sum()), lengths.to(self.device), mtp_targets)
 
@@ -645,14 +645,14 @@ def grpo(recipe: GRPORecipe) -> dict:
 
 # ---- curves -------------------------------------------------------------------------------------
 PLOT_PANELS = (("reward", ("reward_mean", "accuracy", "eval_accuracy")), ("completion length (tokens)",
-               ("completion_len",)), ("KL to reference", ("kl",)), ("entropy (nats/token)", ("entropy",)),
+               ("completion_len",)), ("KL to reference", ("kl",)), ("nats/token", ("entropy", "mtp_loss")),
                ("fractions", ("clip_frac", "zero_std_frac", "truncated_frac")),
                ("tokens/s", ("rollout_tokens_per_s", "update_tokens_per_s")))
 
 
 def plot_grpo(run_dir: str | Path) -> Path | None:
-    """grpo.png: reward and accuracy, completion length, KL, entropy, clip / zero-std / truncated
-    fractions and throughput against step."""
+    """grpo.png: reward and accuracy, completion length, KL, entropy and MTP loss, clip / zero-std /
+    truncated fractions and throughput against step."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not any("reward_mean" in r for r in rows):
