@@ -10,7 +10,9 @@ after GRPO with it (mtp_loss_weight), on the same held-out prompts, greedy. Prin
      loss's gradient reach the trunk too, as pretraining does (GRPOTrainer.mtp_trunk_gradient);
   3. every model decodes `--eval-n` test-split prompts greedily with the engine's self-speculative
      decoding (infer.Engine, speculative=True): acceptance = accepted drafts / drafts (engine.stats),
-     tokens per decode step, and greedy accuracy of the same outputs.
+     tokens per decode step, and greedy accuracy of the same outputs; then once more sampling at
+     `--temperature` (seeded per prompt; a draft is accepted with probability min(1, p/q)), where
+     acceptance depends on the whole next-token distribution, not only its argmax.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/mtp_grpo.py            # ~10 CPU-minutes
     OMP_NUM_THREADS=1 .venv/bin/python bench/mtp_grpo.py --quick    # a smoke run of the pipeline
@@ -52,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--sft-recipe", type=Path, default=REPO / "recipes" / "r1zero-sft.toml")
     p.add_argument("--grpo-recipe", type=Path, default=REPO / "recipes" / "r1zero-grpo.toml")
     p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-from", type=Path, help="start from this SFT model folder (with its tokenizer) instead")
     p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
@@ -60,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--trunk-arm", action=argparse.BooleanOptionalAction, default=True,
                    help="also GRPO with the MTP loss's gradient reaching the trunk (default on)")
     p.add_argument("--eval-n", type=int, default=200, help="test-split prompts decoded by every model")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled decoding (the rollouts')")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "mtp-grpo-bench")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "mtp_grpo.json")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
@@ -72,19 +76,20 @@ def parse_args(argv=None):
     return args
 
 
-def acceptance(model_dir: Path, tok: Tokenizer, task, problems, max_tokens: int) -> dict:
-    """Greedy self-speculative decoding of the problems' prompts: draft acceptance, tokens per decode
-    step of a sequence (1 + its accepted drafts per step) and accuracy of the outputs."""
+def acceptance(model_dir: Path, tok: Tokenizer, task, problems, max_tokens: int, temperature: float = 0.0) -> dict:
+    """Self-speculative decoding of the problems' prompts: draft acceptance, tokens per decode step of a
+    sequence (1 + its accepted drafts per step) and accuracy of the outputs."""
     model = load_model(model_dir, dtype=torch.float32).eval()
     engine = Engine(model, max_batch=16, speculative=True, eos_ids=(tok.eos_id,))
-    reqs = engine.generate(prompt_ids(tok, problems), SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i) for i in range(len(problems))]
+    reqs = engine.generate(prompt_ids(tok, problems), params)
     outs = [r.output_ids for r in reqs]
     correct = sum(task.check(tok.decode(o), p) for o, p in zip(outs, problems))
     st = engine.stats
     return {"acceptance": engine.acceptance_rate(), "drafted": st["drafted"], "accepted": st["accepted"],
             "tokens": st["generated_tokens"],
             "tokens_per_step": st["generated_tokens"] / max(1, st["generated_tokens"] - st["accepted"]),
-            "greedy_accuracy": correct / len(problems)}
+            "accuracy": correct / len(problems)}
 
 
 def same_policy(a: Path, b: Path) -> tuple[bool, bool]:
@@ -101,17 +106,19 @@ def run(args) -> dict:
     root = args.work
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    paths = prepare_cold_start(task, root, args.cold_start, seed=args.seed)
-    tok = Tokenizer.load(paths["tokenizer"])
+    sft_model, sft_cpu = args.sft_from, None
+    if sft_model is None:
+        paths = prepare_cold_start(task, root, args.cold_start, seed=args.seed)
+        c0 = time.process_time()
+        train(load_recipe(args.sft_recipe, {"out": str(root / "sft"), "data": str(paths["data"]),
+                                            "seed": args.seed, "tokenizer": str(paths["tokenizer"]),
+                                            "max_steps": args.sft_steps, "save_every": args.sft_steps,
+                                            "progress": False}))
+        sft_cpu, sft_model = time.process_time() - c0, root / "sft" / "model"
+        print(f"SFT: {args.sft_steps} steps, {sft_cpu:.0f} CPU-s", flush=True)
+    tok = Tokenizer.load(sft_model)
 
-    c0 = time.process_time()
-    train(load_recipe(args.sft_recipe, {"out": str(root / "sft"), "data": str(paths["data"]), "seed": args.seed,
-                                        "tokenizer": str(paths["tokenizer"]), "max_steps": args.sft_steps,
-                                        "save_every": args.sft_steps, "progress": False}))
-    sft_cpu = time.process_time() - c0
-    print(f"SFT: {args.sft_steps} steps, {sft_cpu:.0f} CPU-s", flush=True)
-
-    models, grpo_runs = {"SFT (before GRPO)": root / "sft" / "model"}, {}
+    models, grpo_runs = {"SFT (before GRPO)": sft_model}, {}
     w = args.mtp_loss_weight
     arms = {"GRPO, no MTP loss": (0.0, False), f"GRPO, MTP loss {w:g}": (w, False)}
     if args.trunk_arm:
@@ -119,7 +126,7 @@ def run(args) -> dict:
     for name, (weight, trunk) in arms.items():
         out = root / f"grpo-mtp{weight:g}{'-trunk' if trunk else ''}"
         recipe = load_grpo_recipe(args.grpo_recipe, {
-            "init_from": str(root / "sft" / "model"), "out": str(out), "task": task.name, "seed": args.seed,
+            "init_from": str(sft_model), "out": str(out), "task": task.name, "seed": args.seed,
             "max_steps": args.grpo_steps, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
             "lr": args.lr, "mtp_loss_weight": weight, "eval_every": 0, "save_every": args.grpo_steps,
             "progress": False})
@@ -139,7 +146,9 @@ def run(args) -> dict:
     results = {}
     for name, folder in models.items():
         results[name] = acceptance(folder, tok, task, problems, max_tokens)
-        print(f"{name}: acceptance {results[name]['acceptance']:.3f}", flush=True)
+        results[name]["sampled"] = acceptance(folder, tok, task, problems, max_tokens, args.temperature)
+        print(f"{name}: acceptance {results[name]['acceptance']:.3f}, "
+              f"sampled {results[name]['sampled']['acceptance']:.3f}", flush=True)
     return {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "sft_steps": args.sft_steps, "sft_cpu_seconds": sft_cpu, "grpo": grpo_runs, "results": results,
             "grpo_policies_bitwise_equal": policy_equal, "grpo_mtp_modules_equal": mtp_equal,
@@ -147,10 +156,13 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'model':<30} {'acceptance':>10} {'drafts':>7} {'tok/step':>8} {'greedy acc':>10}"]
+    t = report["args"]["temperature"]
+    lines = [f"{'model':<30} {'acceptance':>10} {'drafts':>7} {'tok/step':>8} {'greedy acc':>10} "
+             f"{f'accept T={t:g}':>12} {f'acc T={t:g}':>9}"]
     for name, r in report["results"].items():
         lines.append(f"{name:<30} {r['acceptance']:>10.3f} {r['drafted']:>7} {r['tokens_per_step']:>8.2f} "
-                     f"{r['greedy_accuracy']:>10.3f}")
+                     f"{r['accuracy']:>10.3f} {r['sampled']['acceptance']:>12.3f} "
+                     f"{r['sampled']['accuracy']:>9.3f}")
     lines.append(f"GRPO policies bitwise equal with and without the MTP loss: {report['grpo_policies_bitwise_equal']}")
     for name, g in report["grpo"].items():
         loss = "" if g["mtp_loss_first"] is None else \

@@ -147,17 +147,18 @@ def test_mtp_loss_falls_on_the_rollouts_and_ignores_micro_batching(mtp_policy, t
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_mtp_targets_cover_prompt_and_completion_not_padding(mtp_policy, tmp_path):
+def test_mtp_targets_are_the_completion_tokens(mtp_policy, tmp_path):
     t = trainer(_recipe(mtp_policy, tmp_path / "r", max_steps=1))
     ro = t.rollout(0)
-    kept = list(range(len(ro.completion_ids)))
-    batch = t._pack(ro, kept, torch.ones(len(kept)))
-    lengths = [len(p) + len(c) for p, c in zip(ro.prompt_ids, ro.completion_ids)]
-    # depth 1: position i predicts token i + 2, real in a row of n tokens for i < n - 2
-    assert batch.mtp_targets == [float(sum(n - 2 for n in lengths))]
+    kept = [i for i, c in enumerate(ro.completion_ids) if c]
+    batch = t._pack(ro, kept, torch.ones(len(ro.completion_ids)))
     masks = torch.cat([batch.mtp_masks(j, 1)[0] for j in range(len(batch.chunks))])
-    assert masks.sum(dim=1).tolist() == [n - 2 for n in lengths]
     assert masks.shape[1] == batch.ids.shape[1] - 2
+    for row, i in zip(masks, kept):  # depth 1: position i predicts token i + 2, counted if it is generated
+        P, C = len(ro.prompt_ids[i]), len(ro.completion_ids[i])
+        assert row.nonzero().flatten().tolist() == list(range(P - 2, P + C - 2))
+        assert batch.ids[kept.index(i), P:P + C].tolist() == ro.completion_ids[i]
+    assert batch.mtp_targets == [float(sum(len(ro.completion_ids[i]) for i in kept))]
     # a rank that keeps nothing runs a stand-in row (collectives stay in step) that counts no target
     empty = t._pack(ro, [], torch.ones(len(kept)))
     assert empty.mtp_targets == [0.0] and not empty.mtp_masks(0, 1)[0].any()

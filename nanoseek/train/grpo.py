@@ -19,11 +19,12 @@ One step:
         dr_grpo   (Dr.GRPO): sum over all tokens / (completions x max_new_tokens)
     beta = 0 loads no reference model.
  5. a model with MTP modules keeps them trained (mtp_loss_weight, 0: off): their teacher-forced CE on
-    the same rows (prompt + completion, padding masked), with the main model's hidden states, embeddings
+    the same rows (prompt + completion as context, completion tokens as targets: what drafting
+    predicts, as SFT's MTP loss counts the reply only), with the main model's hidden states, embeddings
     and head as constants, so the gradient reaches the MTP modules only and the policy's update is
     exactly the one without it; the MTP gradients are clipped on their own (grad_clip) and stepped after
     the policy's. Otherwise the MTP module drafts for the policy it was trained with, and
-    self-speculative decoding (infer) accepts fewer of its drafts after RL (docs/mtp.md).
+    self-speculative decoding (infer) may accept fewer of its drafts after RL (docs/mtp.md).
 
 The run folder is a training run folder (train/loop.py): checkpoints/ with model, optimizer, RNG and
 state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
@@ -275,8 +276,8 @@ class UpdateBatch:
     ids (B, T) prompt + completion rows, mask (B, T-1) completion targets, advantages (B,); chunks: one
     slice of rows per micro-batch, None for a dead one (a rank with fewer micro-batches repeats row 0
     with nothing counted, so that every rank runs the same collective forwards); num_seqs / num_tokens:
-    the loss denominators (of the global batch / W under data parallelism). lengths (B,): real tokens
-    per row; mtp_targets: the MTP loss's denominator per depth (targets of every row, as num_tokens)."""
+    the loss denominators (of the global batch / W under data parallelism); mtp_targets: the MTP loss's
+    per depth (its targets in the batch, counted as num_tokens)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -284,7 +285,6 @@ class UpdateBatch:
     chunks: list[slice | None]
     num_seqs: float
     num_tokens: float
-    lengths: torch.Tensor | None = None
     mtp_targets: list[float] = field(default_factory=list)
 
     def micro_batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,13 +296,9 @@ class UpdateBatch:
 
     def mtp_masks(self, j: int, depths: int) -> list[torch.Tensor]:
         """The MTP targets of micro-batch j per depth k, (b, T-1-k): position i predicts token i+k+1,
-        counted where that is a real token (prompt or completion, not padding); none in a dead one."""
-        sl, ids = self.chunks[j], self.micro_batch(j)[0]
-        if sl is None:
-            real = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        else:
-            real = torch.arange(ids.shape[1], device=ids.device)[None] < self.lengths[sl, None]
-        return [real[:, k + 1:] for k in range(1, depths + 1)]
+        counted where that is a completion token that counts (the completion mask shifted by k)."""
+        mask = self.micro_batch(j)[1]
+        return [mask[:, k:] for k in range(1, depths + 1)]
 
 
 class GRPOTrainer(Algorithm):
@@ -440,11 +436,9 @@ class GRPOTrainer(Algorithm):
         adv = advantages[kept].to(self.device) if kept else torch.zeros(1, device=self.device)
         n = self.recipe.micro_batch
         chunks = [slice(s, s + n) for s in range(0, ids.shape[0], n)]
-        lengths = torch.tensor([len(ro.prompt_ids[i]) + len(ro.completion_ids[i]) for i in kept], dtype=torch.long)
-        lengths = lengths if kept else torch.zeros(1, dtype=torch.long)  # the stand-in row counts no MTP target
-        mtp_targets = [float((lengths - k - 1).clamp(min=0).sum()) for k in range(1, self.mtp_depths + 1)]
+        mtp_targets = [float(mask[:, k:].sum()) for k in range(1, self.mtp_depths + 1)]
         return UpdateBatch(ids.to(self.device), mask.to(self.device), adv, chunks, float(len(kept)),
-                           float(mask.sum()), lengths.to(self.device), mtp_targets)
+                           float(mask.sum()), mtp_targets)
 
     def _global_denominators(self, batch: UpdateBatch, stats: dict) -> tuple[UpdateBatch, dict]:
         """Counts over all ranks: the denominators become global count / W (FSDP averages the gradients
