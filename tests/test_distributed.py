@@ -204,13 +204,14 @@ def assert_same_grpo_run(single: Path, parallel: Path) -> dict:
         for key in ("reward_mean", "completion_len", "kept_seqs", "eval_accuracy", "zero_std_frac"):
             if key in a:  # the same rollouts: per-group generators do not depend on the world size
                 assert a[key] == pytest.approx(b[key], abs=1e-9), (key, a[key], b[key])
-        for key in ("loss", "kl", "entropy", "grad_norm", "ratio"):
+        for key in ("loss", "kl", "entropy", "grad_norm", "ratio", "mtp_loss", "mtp_grad_norm"):
             if key in a:
                 diffs[key] = max(diffs.get(key, 0.0), abs(a[key] - b[key]))
-    diffs["weights"] = max_weight_diff(single / "model", parallel / "model")
+    diffs["weights"] = max_weight_diff(single / "model", parallel / "model")  # the MTP module's too
     print(f"GRPO max differences vs one process: {diffs}")
-    assert all(diffs[k] < LOSS_TOL for k in ("loss", "kl", "entropy", "ratio")), diffs
-    assert diffs["grad_norm"] < GRAD_NORM_TOL and diffs["weights"] < WEIGHT_TOL, diffs
+    assert all(diffs[k] < LOSS_TOL for k in ("loss", "kl", "entropy", "ratio", "mtp_loss")), diffs
+    assert diffs["grad_norm"] < GRAD_NORM_TOL and diffs["mtp_grad_norm"] < GRAD_NORM_TOL, diffs
+    assert diffs["weights"] < WEIGHT_TOL, diffs
     return diffs
 
 

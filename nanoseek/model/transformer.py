@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -120,7 +121,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, return_mtp: bool = False):
+                segment_ids: torch.Tensor | None = None, return_mtp: bool = False, mtp_detach_trunk: bool = False):
         """Logits (B, T, vocab).
 
         cache: tokens go into cache slots start..start+T (default start = cache.length) and the cache
@@ -128,7 +129,8 @@ class Transformer(nn.Module):
         numbers); pass them for left-padded or packed batches. attention_mask: (B, T) 1 for real tokens,
         0 for padding (remembered by the cache for later steps). segment_ids: (B, T) packed examples (no
         cache): tokens attend only within their segment. return_mtp: also a list of MTP logits, depth k
-        giving (B, T - k, vocab) where position i predicts token i + k + 1.
+        giving (B, T - k, vocab) where position i predicts token i + k + 1. mtp_detach_trunk: the MTP
+        logits' gradient stops at the MTP modules (see `mtp_logits`).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -147,7 +149,7 @@ class Transformer(nn.Module):
             logits = self.lm_head(self.norm(h))
         if not return_mtp:
             return logits
-        return logits, self.mtp_logits(h, input_ids, positions, segment_ids)
+        return logits, self.mtp_logits(h, input_ids, positions, segment_ids, detach_trunk=mtp_detach_trunk)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, positions: torch.Tensor | None = None, *,
                        start: int | None = None, attention_mask: torch.Tensor | None = None,
@@ -184,9 +186,13 @@ class Transformer(nn.Module):
             mask = main.mask
         return self.mtp[0](main.hidden, self.embed_tokens(next_ids), self.rotary(positions), cache, start, mask)
 
-    def mtp_head(self, hidden: torch.Tensor, depth: int = 1) -> torch.Tensor:
-        """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head."""
-        return self.lm_head(self.mtp[depth - 1].shared_head.norm(hidden))
+    def mtp_head(self, hidden: torch.Tensor, depth: int = 1, detach_head: bool = False) -> torch.Tensor:
+        """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head
+        (detach_head: as a constant, no gradient to it)."""
+        normed = self.mtp[depth - 1].shared_head.norm(hidden)
+        if detach_head:
+            return F.linear(normed, self.lm_head.weight.detach())
+        return self.lm_head(normed)
 
     @staticmethod
     def _mask(T, attention_mask, segment_ids) -> torch.Tensor | None:
@@ -212,18 +218,25 @@ class Transformer(nn.Module):
         return attention_mask_for(cache.valid[:, : start + T], start, T)
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   segment_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Sequential MTP over a full sequence (training): depth k sees tokens shifted by k."""
+                   segment_ids: torch.Tensor | None = None, detach_trunk: bool = False) -> list[torch.Tensor]:
+        """Sequential MTP over a full sequence (training): depth k sees tokens shifted by k.
+        detach_trunk: the main model's hidden states, token embeddings and output head enter as
+        constants, so a loss on these logits trains the MTP modules only (GRPO keeps the policy's
+        gradient its own; pretraining lets it reach the trunk, as DeepSeek-V3 does)."""
         out = []
         T = input_ids.shape[1]
+        if detach_trunk:
+            hidden = hidden.detach()
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
             pos = positions[:, : T - k] if positions is not None and positions.shape[1] == T else \
                 torch.arange(T - k, device=input_ids.device)[None]
             mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
-            hidden = module(hidden[:, : T - k], self.embed_tokens(input_ids[:, k:]), self.rotary(pos), mask=mask)
-            out.append(self.mtp_head(hidden, k))
+            embeds = self.embed_tokens(input_ids[:, k:])
+            hidden = module(hidden[:, : T - k], embeds.detach() if detach_trunk else embeds, self.rotary(pos),
+                            mask=mask)
+            out.append(self.mtp_head(hidden, k, detach_head=detach_trunk))
         return out
 
     # ---- balancing statistics -----------------------------------------------------------

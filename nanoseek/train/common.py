@@ -74,6 +74,16 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (losses * m).sum() / (m.sum().clamp(min=1) if denominator is None else denominator)
 
 
+def mtp_cross_entropy(mtp_logits: list[torch.Tensor], targets: torch.Tensor, masks: list[torch.Tensor],
+                      denominators: list[torch.Tensor | float | None]) -> torch.Tensor:
+    """The MTP loss: the mean over depths of the masked CE of depth k, whose logits (B, T - k, V) at
+    position i predict targets[:, i + k] (targets (B, T): the next token of each position); masks and
+    denominators per depth (see `masked_cross_entropy`)."""
+    losses = [masked_cross_entropy(logits, targets[:, k:], masks[k - 1], denominators[k - 1])
+              for k, logits in enumerate(mtp_logits, start=1)]
+    return torch.stack(losses).mean()
+
+
 def mtp_depths(model: Transformer, recipe: TrainRecipe) -> int:
     """How many MTP depths the loss uses (0 when the MTP loss is off or the model has none)."""
     return len(model.mtp) if recipe.mtp_loss_weight > 0 else 0
@@ -116,9 +126,7 @@ def training_loss(model: Transformer, batch, recipe: TrainRecipe,
     ce = masked_cross_entropy(logits, batch.targets, masks[0], den[0])
     loss, parts = ce, {"loss": ce.item()}
     if mtp:
-        mtp_losses = [masked_cross_entropy(mtp_logits, batch.targets[:, k:], masks[k], den[k])
-                      for k, mtp_logits in enumerate(mtp, start=1)]
-        mtp_loss = torch.stack(mtp_losses).mean()
+        mtp_loss = mtp_cross_entropy(mtp, batch.targets, masks[1:], den[1:])
         loss = loss + recipe.mtp_loss_weight * mtp_loss
         parts["mtp_loss"] = mtp_loss.item()
     aux = model.aux_loss()

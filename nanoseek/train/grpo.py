@@ -18,6 +18,13 @@ One step:
         token     (DAPO):    sum over all tokens / number of tokens in the batch
         dr_grpo   (Dr.GRPO): sum over all tokens / (completions x max_new_tokens)
     beta = 0 loads no reference model.
+ 5. a model with MTP modules keeps them trained (mtp_loss_weight, 0: off): their teacher-forced CE on
+    the same rows (prompt + completion as context, completion tokens as targets: what drafting
+    predicts, as SFT's MTP loss counts the reply only), with the main model's hidden states, embeddings
+    and head as constants, so the gradient reaches the MTP modules only and the policy's update is
+    exactly the one without it; the MTP gradients are clipped on their own (grad_clip) and stepped after
+    the policy's. Otherwise the MTP module drafts for the policy it was trained with, and
+    self-speculative decoding (infer) may accept fewer of its drafts after RL (docs/mtp.md).
 
 The run folder is a training run folder (train/loop.py): checkpoints/ with model, optimizer, RNG and
 state for an exact resume, model/ (HF format + tokenizer), metrics.jsonl (+ TensorBoard), grpo.png.
@@ -54,7 +61,7 @@ from ..tasks import Rewards, default_max_new_tokens, get_task, prompt_ids
 from ..tasks.base import make_rng
 from ..tasks.rewards import absolute_reward_paths, reward_columns
 from ..tokenizer import Tokenizer
-from .common import build_optimizer, expert_loads, lr_at
+from .common import build_optimizer, expert_loads, lr_at, mtp_cross_entropy, mtp_depths
 from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
                    resolve_device, run_loop, run_on_all_ranks, set_aux_loss_alpha)
 from .recipe import RunRecipe, field_types, load_recipe_as, recipe_defaults
@@ -101,6 +108,7 @@ class GRPORecipe(RunRecipe):
     mask_truncated: bool = True
     filter_zero_std: bool = True
     micro_batch: int = 64  # completions per forward/backward
+    mtp_loss_weight: float = 0.3  # MTP loss on the rollouts (models with MTP modules only; 0: off)
     # evaluation
     eval_n: int = 200
     eval_split: str = "test"  # "train" monitors on train-split problems (a dev set) instead
@@ -117,7 +125,8 @@ class GRPORecipe(RunRecipe):
                 self.bad(name, "must be at least 1", source)
         if self.group_size < 2:
             self.bad("group_size", "must be at least 2 (advantages compare samples of one prompt)", source)
-        for name in ("max_new_tokens", "top_k", "threads", "temperature", "beta", "eps_low", "eps_high"):
+        for name in ("max_new_tokens", "top_k", "threads", "temperature", "beta", "eps_low", "eps_high",
+                     "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 self.bad(name, "must be non-negative", source)
         if not 0 < self.top_p <= 1:
@@ -243,7 +252,13 @@ def completion_logprobs(model: Transformer, ids: torch.Tensor, temperature: floa
                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids (B, T) -> log-probabilities of ids[:, 1:] (B, T-1) under logits / temperature (the
     distribution that was sampled), and the per-position entropy (no grad) when asked."""
-    logits = model(ids)[:, :-1].float()
+    return token_logprobs(model(ids), ids, temperature, with_entropy)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs` from the model's logits (B, T, V) of ids (B, T)."""
+    logits = logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
@@ -292,7 +307,8 @@ class UpdateBatch:
     ids (B, T) prompt + completion rows, mask (B, T-1) completion targets, advantages (B,); chunks: one
     slice of rows per micro-batch, None for a dead one (a rank with fewer micro-batches repeats row 0
     with nothing counted, so that every rank runs the same collective forwards); num_seqs / num_tokens:
-    the loss denominators (of the global batch / W under data parallelism)."""
+    the loss denominators (of the global batch / W under data parallelism); mtp_targets: the MTP loss's
+    per depth (its targets in the batch, counted as num_tokens)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -300,6 +316,7 @@ class UpdateBatch:
     chunks: list[slice | None]
     num_seqs: float
     num_tokens: float
+    mtp_targets: list[float] = field(default_factory=list)
 
     def micro_batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, mask, advantages) of micro-batch j; a dead one counts nothing."""
@@ -308,6 +325,12 @@ class UpdateBatch:
             return self.ids[:1], torch.zeros_like(self.mask[:1]), torch.zeros_like(self.advantages[:1])
         return self.ids[sl], self.mask[sl], self.advantages[sl]
 
+    def mtp_masks(self, j: int, depths: int) -> list[torch.Tensor]:
+        """The MTP targets of micro-batch j per depth k, (b, T-1-k): position i predicts token i+k+1,
+        counted where that is a completion token that counts (the completion mask shifted by k)."""
+        mask = self.micro_batch(j)[1]
+        return [mask[:, k:] for k in range(1, depths + 1)]
+
 
 class GRPOTrainer(Algorithm):
     """Holds the policy, the optional reference, the optimizer and the task; `run()` trains.
@@ -315,6 +338,9 @@ class GRPOTrainer(Algorithm):
 
     name = "grpo"
     eval_key = "eval_accuracy"
+    # the MTP loss's gradient stops at the MTP modules (True: it also trains the trunk, embeddings and
+    # head, as in pretraining, and shares the policy's gradient clip; bench/mtp_grpo.py compares)
+    mtp_trunk_gradient: ClassVar[bool] = False
 
     def __init__(self, recipe: GRPORecipe, parallel=None):
         self.recipe = recipe.validate()
@@ -349,6 +375,7 @@ class GRPOTrainer(Algorithm):
             raise ConfigError(f"the model's vocab_size {self.model.config.vocab_size} is below the tokenizer's "
                               f"{self.tokenizer.vocab_size} ({self.tokenizer_dir})")
         self.max_new_tokens = recipe.max_new_tokens or self._default_max_new_tokens()
+        self.mtp_depths = mtp_depths(self.model, recipe)  # 0: no MTP loss
         self.eval_problems = None
 
     def _default_max_new_tokens(self) -> int:
@@ -410,10 +437,10 @@ class GRPOTrainer(Algorithm):
         old, ref = self._fixed_logprobs(batch)
         t0 = time.perf_counter()
         lr = lr_at(step, self.recipe)
-        loss_sum, grad_norm, totals = self._optimize(batch, old, ref, lr)
+        loss_sum, norms, totals = self._optimize(batch, old, ref, lr)
         seconds = time.perf_counter() - t0
         forwarded = int(batch.mask.shape[0] * batch.ids.shape[1]) * self.recipe.mu if kept else 0
-        return stats | self._update_statistics(loss_sum, grad_norm, lr, totals, forwarded, seconds)
+        return stats | self._update_statistics(loss_sum, norms, lr, totals, forwarded, seconds)
 
     def _select(self, ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Group advantages (N*G,), the zero-std groups (N,) and the indices of the completions that
@@ -439,66 +466,108 @@ class GRPOTrainer(Algorithm):
         adv = advantages[kept].to(self.device) if kept else torch.zeros(1, device=self.device)
         n = self.recipe.micro_batch
         chunks = [slice(s, s + n) for s in range(0, ids.shape[0], n)]
+        mtp_targets = [float(mask[:, k:].sum()) for k in range(1, self.mtp_depths + 1)]
         return UpdateBatch(ids.to(self.device), mask.to(self.device), adv, chunks, float(len(kept)),
-                           float(mask.sum()))
+                           float(mask.sum()), mtp_targets)
 
     def _global_denominators(self, batch: UpdateBatch, stats: dict) -> tuple[UpdateBatch, dict]:
         """Counts over all ranks: the denominators become global count / W (FSDP averages the gradients
         over the W ranks), kept_seqs the global count; every rank gets as many micro-batches as the
         busiest one (dead ones pad the others)."""
         parallel = self.parallel
-        counts = parallel.all_reduce_sum([torch.tensor([batch.num_seqs, batch.num_tokens, len(batch.chunks)],
-                                                       dtype=torch.float64)])[0]
+        counts = parallel.all_reduce_sum([torch.tensor([batch.num_seqs, batch.num_tokens, len(batch.chunks),
+                                                        *batch.mtp_targets], dtype=torch.float64)])[0]
         stats = stats | {"kept_seqs": int(counts[0]),
                          "zero_std_frac": parallel.mean_floats({"z": stats["zero_std_frac"]})["z"]}  # equal groups
         most = int(parallel.all_reduce_max(len(batch.chunks)))
         batch = dataclasses.replace(batch, num_seqs=float(counts[0]) / self.world,
                                     num_tokens=float(counts[1]) / self.world,
+                                    mtp_targets=[_positive(float(c) / self.world) for c in counts[3:]],
                                     chunks=batch.chunks + [None] * (most - len(batch.chunks)))
         return batch, stats
 
     def _optimize(self, batch: UpdateBatch, old: list | None, ref: list | None, lr: float
-                  ) -> tuple[float, float, dict[str, float]]:
+                  ) -> tuple[float, dict[str, float], dict[str, float]]:
         """The mu loop: mu optimizer steps on the same batch, each over all its micro-batches (old, ref:
-        see _fixed_logprobs). Returns the first iteration's loss, gradient norm and summed statistics."""
+        see _fixed_logprobs). Returns the first iteration's loss, gradient norms and summed statistics."""
         r = self.recipe
         totals = {"clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0}
-        loss_sum, grad_norm = 0.0, 0.0
+        if self.mtp_depths:
+            totals["mtp_loss"] = 0.0
+        loss_sum, norms = 0.0, {}
         for it in range(r.mu):
             loads = None
             for j, live in enumerate(sl is not None for sl in batch.chunks):
-                ids, mask, adv = batch.micro_batch(j)
-                logp, entropy = completion_logprobs(self.model, ids, r.temperature, with_entropy=it == 0)
+                _, mask, adv = batch.micro_batch(j)
+                logp, entropy, mtp_loss = self._forward(batch, j, with_entropy=it == 0)
                 loss, s = grpo_loss(logp, old[j] if old is not None else logp.detach(), adv, mask,
                                     ref_logp=ref[j] if ref is not None else None, beta=r.beta, eps_low=r.eps_low,
                                     eps_high=r.eps_high, loss_agg=r.loss_agg, max_len=self.max_new_tokens,
                                     num_seqs=batch.num_seqs, num_tokens=batch.num_tokens)
-                check_finite(loss.item(), self.parallel)
-                loss.backward()
+                total = loss if mtp_loss is None else loss + r.mtp_loss_weight * mtp_loss
+                check_finite(total.item(), self.parallel)
+                total.backward()
                 if it == 0:
                     loss_sum += loss.item()
                     for key in ("clipped_tokens", "tokens", "ratio_sum", "kl_sum"):
                         totals[key] += float(s.get(key, 0.0))
                     totals["entropy_sum"] += float((entropy * mask).sum())
+                    if mtp_loss is not None:
+                        totals["mtp_loss"] += mtp_loss.item()
                 step_loads = expert_loads(self.model)
                 loads = add_loads(loads, step_loads if live else [torch.zeros_like(x) for x in step_loads])
-            norm, _ = optimizer_step(self.model, self.optimizer, loads or [], lr, r, self.parallel)
-            grad_norm = norm if it == 0 else grad_norm
-        return loss_sum, grad_norm, totals
+            step_norms = self._optimizer_steps(loads or [], lr)
+            norms = step_norms if it == 0 else norms
+        return loss_sum, norms, totals
 
-    def _update_statistics(self, loss_sum: float, grad_norm: float, lr: float, totals: dict[str, float],
+    def _forward(self, batch: UpdateBatch, j: int, with_entropy: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Micro-batch j through the policy: completion log-probs (B, T-1), entropy, and the MTP loss
+        (None when off) from the same forward, its gradient stopping at the MTP modules."""
+        ids = batch.micro_batch(j)[0]
+        if not self.mtp_depths:
+            return *completion_logprobs(self.model, ids, self.recipe.temperature, with_entropy), None
+        logits, mtp = self.model(ids, return_mtp=True, mtp_detach_trunk=not self.mtp_trunk_gradient)
+        logp, entropy = token_logprobs(logits, ids, self.recipe.temperature, with_entropy)
+        # depth k's logits (B, T-k) at i predict ids[i+k+1]: the last has no target
+        mtp_loss = mtp_cross_entropy([m[:, :-1] for m in mtp], ids[:, 1:], batch.mtp_masks(j, len(mtp)),
+                                     batch.mtp_targets)
+        return logp, entropy, mtp_loss
+
+    def _optimizer_steps(self, loads: list[torch.Tensor], lr: float) -> dict[str, float]:
+        """The policy's optimizer step (its gradient norm and clip as without MTP), then, with the MTP
+        loss on, the MTP modules' own: their gradients are held back from the first, clipped on their
+        own and stepped by the same AdamW (its state is per parameter). Returns the gradient norms."""
+        r = self.recipe
+        held = {}
+        if self.mtp_depths and not self.mtp_trunk_gradient:
+            for p in self.model.mtp.parameters():
+                held[p], p.grad = p.grad, None
+        norm, _ = optimizer_step(self.model, self.optimizer, loads, lr, r, self.parallel)
+        if not held:
+            return {"grad_norm": norm}
+        for p, grad in held.items():
+            p.grad = grad
+        mtp_norm = self.parallel.clip_grad_norm_(self.model, r.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "mtp_grad_norm": mtp_norm.item()}
+
+    def _update_statistics(self, loss_sum: float, norms: dict[str, float], lr: float, totals: dict[str, float],
                            forwarded: int, seconds: float) -> dict:
-        """The update's row: loss, gradient norm, lr and per-token means over all ranks."""
+        """The update's row: loss, gradient norms, lr and per-token means over all ranks."""
         parallel = self.parallel
         summed = parallel.all_reduce_sum([torch.tensor([totals[k] for k in sorted(totals)] + [forwarded],
                                                        dtype=torch.float64)])[0].tolist()
         totals, forwarded = dict(zip(sorted(totals), summed[:-1])), int(summed[-1])
         loss_sum = parallel.mean_floats({"loss": loss_sum})["loss"]  # each rank divided by count / W
         tokens = max(totals["tokens"], 1.0)
-        stats = dict(loss=loss_sum, grad_norm=grad_norm, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
+        stats = dict(loss=loss_sum, **norms, lr=lr, clip_frac=totals["clipped_tokens"] / tokens,
                      ratio=totals["ratio_sum"] / tokens, entropy=totals["entropy_sum"] / tokens,
                      update_tokens=forwarded, update_tokens_per_s=forwarded / max(seconds, 1e-9),
                      update_seconds=seconds)
+        if "mtp_loss" in totals:  # each rank's sum divided by the global count / W, summed: W x the mean
+            stats["mtp_loss"] = totals["mtp_loss"] / self.world
         if self.reference is not None:
             stats["kl"] = totals["kl_sum"] / tokens
         return stats
@@ -601,14 +670,14 @@ def grpo(recipe: GRPORecipe) -> dict:
 
 # ---- curves -------------------------------------------------------------------------------------
 PLOT_PANELS = (("reward", ("reward_mean", "accuracy", "eval_accuracy")), ("completion length (tokens)",
-               ("completion_len",)), ("KL to reference", ("kl",)), ("entropy (nats/token)", ("entropy",)),
+               ("completion_len",)), ("KL to reference", ("kl",)), ("nats/token", ("entropy", "mtp_loss")),
                ("fractions", ("clip_frac", "zero_std_frac", "truncated_frac")),
                ("tokens/s", ("rollout_tokens_per_s", "update_tokens_per_s")))
 
 
 def plot_grpo(run_dir: str | Path) -> Path | None:
-    """grpo.png: reward and accuracy, completion length, KL, entropy, clip / zero-std / truncated
-    fractions and throughput against step."""
+    """grpo.png: reward and accuracy, completion length, KL, entropy and MTP loss, clip / zero-std /
+    truncated fractions and throughput against step."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not any("reward_mean" in r for r in rows):
