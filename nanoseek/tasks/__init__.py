@@ -34,13 +34,14 @@ from .verify import VERIFIERS, Verifier, get_verifier
 def write_chat_jsonl(task: Task | str, path: str | Path, n: int, seed: int = 0, split: str = "train",
                      difficulty: int | None = None) -> Path:
     """n solver-trace conversations as chat JSONL ({"messages": [user, assistant]} per line), the
-    cold-start SFT data `nanoseek data prepare --format chat` reads."""
+    cold-start SFT data `nanoseek data prepare --format chat` reads. A dataset task writes its traces
+    (all of the split when it holds fewer than n)."""
     task = get_task(task)
+    lines = [json.dumps({"messages": task.messages(problem)}, ensure_ascii=False) + "\n"
+             for problem in task.generate(n, seed=seed, split=split, difficulty=difficulty)]  # errors: no file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for problem in task.generate(n, seed=seed, split=split, difficulty=difficulty):
-            f.write(json.dumps({"messages": task.messages(problem)}, ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
     return path
 
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..tokenizer import ASSISTANT, BOS, END_THINK, EOS, PAD, THINK, USER
 
 SPLITS = ("train", "test")
@@ -243,6 +243,11 @@ def prompt_ids(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
 
 
 def default_max_new_tokens(task: Task, tokenizer, problems: Sequence[Problem], margin: float = 1.5) -> int:
-    """Room for 1.5x the longest solver reply among the problems (+16 tokens)."""
-    longest = max((len(tokenizer.encode(task.completion(p))) + 1 for p in problems), default=64)
+    """Room for 1.5x the longest solver reply among the problems (+16 tokens). A task without solver
+    replies (a dataset without traces) cannot size them: ConfigError asking for max_new_tokens."""
+    try:
+        replies = [task.completion(p) for p in problems]
+    except DataError as e:
+        raise ConfigError(f"max_new_tokens must be given: no solver reply to size it by ({e})") from None
+    longest = max((len(tokenizer.encode(r)) + 1 for r in replies), default=64)
     return int(margin * longest) + 16

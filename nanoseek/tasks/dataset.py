@@ -55,6 +55,8 @@ REPLY_FORMATS = ("answer", "boxed", "either")
 TEMPLATES = {"default": "{question}\n\nThink it through, then write {instruction} inside <answer></answer>.",
              "plain": "{question}"}
 MAX_TAIL_CHARS = 2048  # a boxed reply's text after </think>
+DATASET_OPTIONS = ("test_file", "prompt_field", "answer_field", "trace_field", "system_field", "split_field",
+                   "test_fraction", "verifier", "tolerance", "template", "reply_format")  # load_dataset's (recipes, CLI)
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -187,8 +189,8 @@ class DatasetTask(Task):
         super().__init__(name or default_name(self.path), (0,), description=f"dataset {self.path}")
         if reply_format not in REPLY_FORMATS:
             raise ConfigError(f"unknown reply_format {reply_format!r}; choose one of {', '.join(REPLY_FORMATS)}")
-        if not 0 < test_fraction < 1:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        if not (isinstance(test_fraction, (int, float)) and 0 <= test_fraction <= 1):
+            raise ConfigError(f"test_fraction must be in [0, 1] (1: every question is test), got {test_fraction!r}")
         self.verifier = get_verifier(verifier, tolerance)
         self.reply_format, self.test_fraction = reply_format, test_fraction
         self.template = TEMPLATES.get(template, template).replace("{instruction}", self.verifier.instruction)
@@ -417,7 +419,8 @@ _CACHE: dict[tuple, DatasetTask] = {}
 def load_dataset(path: str | Path, **options) -> DatasetTask:
     """The DatasetTask of a file (options as DatasetTask's), registered under its name so that
     `get_task(problem.task)` finds it. Loading again with the same file (unchanged) and options returns
-    the same task without reading the file again."""
+    the same task without reading the file again. Options that are None or "" take their defaults."""
+    options = {k: v for k, v in options.items() if v is not None and v != ""}
     files = [Path(path)] + ([Path(options["test_file"])] if options.get("test_file") else [])
     stamp = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f),)
                   for f in files)
