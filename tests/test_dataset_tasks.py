@@ -63,8 +63,9 @@ def test_four_formats_give_the_same_problems(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "e.parquet")
+    (tmp_path / "f.csv").write_text((tmp_path / "d.csv").read_text(encoding="utf-8"), encoding="utf-8-sig")  # BOM
     seen = []
-    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.parquet"):
+    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.parquet", "f.csv"):
         task = load_dataset(tmp_path / name)
         assert [p.answer for p in task.problems["train"]] == ["72", "1234"] and task.problems["test"][0].answer == "42"
         assert task.problems["train"][0].data == rows[0]  # the row's columns, as they are in the file

@@ -79,8 +79,10 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (a leading byte-order mark, as spreadsheets write, dropped); DataError at the line
+    of the first invalid byte."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None

@@ -21,7 +21,8 @@ server and torch threads are not). So: answers longer than MAX_ANSWER_CHARS or n
 MAX_DEPTH are refused outright, and math and regex checks run in one worker process per Python
 process (verify_worker.py, started on first use, shared by threads) that must answer each check
 within `time_limit` seconds; when it does not, it is killed, the check is False, and the next check
-starts a new worker. The round trip costs ~0.1 ms; math-verify itself ~0.3-5 ms per LaTeX check.
+starts a new worker. The round trip costs ~0.07 ms; math-verify itself 0.02 ms (`\\frac{1}{2}` vs
+0.5, parses cached) to ~20 ms (`(x+1)^2` vs `x^2+2x+1`: sympy simplifies).
 """
 
 from __future__ import annotations
