@@ -113,7 +113,8 @@ def test_splits_from_a_column_a_second_file_or_a_hash(tmp_path):
     train, test = write_jsonl(tmp_path / "train.jsonl", rows[:50]), write_jsonl(tmp_path / "test.jsonl", rows[49:60])
     with pytest.warns(UserWarning, match="1 question.* in both the train and the test split"):
         task = load_dataset(train, test_file=test)
-    assert len(task.problems["train"]) == 50 and len(task.problems["test"]) == 11 and task.report()["in_both_splits"] == 1
+    assert len(task.problems["train"]) == 50 and len(task.problems["test"]) == 11
+    assert task.report()["in_both_splits"] == 1
 
 
 def test_templates(tmp_path):
@@ -155,7 +156,8 @@ BAD = {
     "missing field": ('{"question": "a", "answer": "1"}\n{"prompt": "b", "label": "2"}\n',
                       r"bad.jsonl:2: no field 'question' \(the row has prompt, label\)"),
     "empty prompt": ('{"question": "  ", "answer": "1"}\n', r"bad.jsonl:1: empty prompt in field 'question'"),
-    "duplicate": ('{"question": "a", "answer": "1"}\n{"question": "x", "answer": "1"}\n{"question": "a", "answer": "2"}\n',
+    "duplicate": ('{"question": "a", "answer": "1"}\n{"question": "x", "answer": "1"}\n'
+                  '{"question": "a", "answer": "2"}\n',
                   r"bad.jsonl:3: duplicate question \(also at .*bad.jsonl:1\)"),
     "non-UTF-8": (b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n',
                   r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9\)"),

@@ -146,7 +146,8 @@ def test_pieces():
     assert plain_number("-1,234.50") == Fraction(-123450, 100) and plain_number("3/4") == Fraction(3, 4)
     assert plain_number("1e999999999") is None and plain_number("1/0") is None and plain_number("1,23") is None
     assert parse_number("2.5e3") == 2500 and parse_number("1e999") is None and parse_number("x") is None
-    assert [choice_letter(t) for t in ("(b)", "B)", "c: x", "\\text{(D)}", "AB", "")] == ["B", "B", "C", "D", None, None]
+    letters = [choice_letter(t) for t in ("(b)", "B)", "c: x", "\\text{(D)}", "AB", "")]
+    assert letters == ["B", "B", "C", "D", None, None]
 
 
 def test_unknown_verifier_and_bad_settings(tmp_path):

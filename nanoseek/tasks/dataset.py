@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..tokenizer import END_THINK, EOS
 from .base import (ANSWER_CLOSE, ANSWER_OPEN, MAX_ANSWER_CHARS, SPLITS, Problem, Task, _FORBIDDEN, _check_split,
                    extract_answer, make_rng, split_of, split_reply)
 from .registry import TASKS, register
 from .verify import Verifier, boxed, get_verifier, unbox
-from ..tokenizer import END_THINK, EOS
 
 PROMPT_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution", "final_answer")
@@ -55,8 +55,9 @@ REPLY_FORMATS = ("answer", "boxed", "either")
 TEMPLATES = {"default": "{question}\n\nThink it through, then write {instruction} inside <answer></answer>.",
              "plain": "{question}"}
 MAX_TAIL_CHARS = 2048  # a boxed reply's text after </think>
+# load_dataset's options, as recipes and the command line name them
 DATASET_OPTIONS = ("test_file", "prompt_field", "answer_field", "trace_field", "system_field", "split_field",
-                   "test_fraction", "verifier", "tolerance", "template", "reply_format")  # load_dataset's (recipes, CLI)
+                   "test_fraction", "verifier", "tolerance", "template", "reply_format")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -124,7 +125,8 @@ def _read_csv(path: Path, data: bytes) -> list[tuple[str, dict]]:
     rows = []
     try:
         for row in reader:
-            rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None and v is not None}))
+            cells = {k: v for k, v in row.items() if k is not None and v is not None}  # ragged rows: no extras
+            rows.append((f"{path}:{reader.line_num}", cells))
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: {e}") from None
     return rows
@@ -335,7 +337,9 @@ class DatasetTask(Task):
         if difficulty is not None:
             raise DataError(f"task {self.name}: a dataset has no difficulty levels (got {difficulty!r})")
         if not self.problems[split]:
-            raise DataError(f"{self.name}: no {split} problems in {self.test_file if split == 'test' and self.test_file else self.path}")
+            source = self.test_file if split == "test" and self.test_file else self.path
+            raise DataError(f"{self.name}: no {split} problems in {source} (the split comes from a split column, "
+                            "--test-file, or --test-fraction of the questions)")
         return self.problems[split]
 
     def has_traces(self, split: str = "train") -> bool:
