@@ -26,9 +26,10 @@ from .recipe import TrainRecipe
 from .trainer import train
 
 
-def completion_to_message(completion: str, task: Task | str = "addition3") -> dict | None:
-    """The assistant message of a completion (text after `<think>\\n`) well-formed for `task`, or None."""
-    if get_task(task).extract(completion) is None:
+def completion_to_message(completion: str, task: Task) -> dict | None:
+    """The assistant message of a completion (text after `<think>\\n`) well-formed for `task` (its
+    reply format: a dataset may accept a boxed answer), or None."""
+    if task.extract(completion) is None:
         return None
     reasoning, tail = split_reply(completion)
     if reasoning.endswith("\n"):  # the chat template writes reasoning + "\n</think>"
