@@ -50,8 +50,8 @@ from ..infer import generate_batches
 from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
 from ..tasks import Rewards, Task, default_max_new_tokens, get_task, load_dataset, prompt_ids
-from ..tasks.dataset import DATASET_OPTIONS
 from ..tasks.base import make_rng
+from ..tasks.dataset import DATASET_OPTIONS
 from ..tokenizer import Tokenizer
 from .common import build_optimizer, expert_loads, lr_at
 from .loop import (Algorithm, RunFolder, SingleProcess, TrainingError, add_loads, check_finite, optimizer_step,
