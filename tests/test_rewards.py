@@ -335,3 +335,20 @@ def test_grpo_logs_a_file_reward_that_reads_a_task_column(tiny_task_model, tmp_p
         assert row["reward_mean"] == pytest.approx(row["reward_accuracy"] + row["reward_operand_parity"] +
                                                    0.5 * len(big) / 6, abs=1e-6)
     assert any("reward_big_b" in row for row in logged)
+
+
+def test_format_reward_reads_replies_as_the_problems_task_does(tmp_path):
+    """A dataset task whose reply format takes a single \\boxed{} gives such a reply its format reward;
+    the built-in tasks (strict <answer> tags) still give it none."""
+    from nanoseek.tasks import load_dataset
+    path = tmp_path / "boxed.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(12)), encoding="utf-8")
+    task = load_dataset(path, reply_format="either", test_fraction=0.5)
+    problem = task.generate(1, split="train")[0]
+    boxed = f"adding\n</think>\n\nSo the answer is \\boxed{{{problem.answer}}}."
+    tagged = f"adding\n</think>\n\n<answer>{problem.answer}</answer>"
+    assert format_reward(["q", "q"], [boxed, tagged], problem=[problem, problem]) == [1.0, 1.0]
+    assert format_reward(["q", "q"], [boxed, tagged]) == [0.0, 1.0]
+    builtin = get_task("addition3").generate(1)[0]
+    assert format_reward(["q"], [boxed], problem=[builtin]) == [0.0]

@@ -16,12 +16,19 @@ from .tasks import (evaluate_task, fmt_metric, majority_correct, markdown_table,
 
 
 def write_eval(result: dict, out: str | Path, label: str | None = None) -> tuple[Path, Path]:
-    """eval-{task}.json and eval-{task}.md in folder `out`."""
+    """eval-{task}.json and eval-{task}.md in folder `out`, and eval-{task}-completions.jsonl with
+    every completion and its verdict (the result's per_completion, left out of the JSON)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{result['task']}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    records = result.get("per_completion")
+    if records is not None:
+        with open(out / f"{stem}-completions.jsonl", "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    saved = {k: v for k, v in result.items() if k != "per_completion"}
+    json_path.write_text(json.dumps(saved, indent=2) + "\n")
     md = markdown_table([result], [label or result.get("model", "")]) + "\n"
     if result.get("examples"):
         md += "\nExamples (greedy):\n"
@@ -32,7 +39,7 @@ def write_eval(result: dict, out: str | Path, label: str | None = None) -> tuple
     return json_path, md_path
 
 
-def evaluate_model(path: str | Path, task: str, out: str | Path | None = None, tokenizer=None,
+def evaluate_model(path: str | Path, task, out: str | Path | None = None, tokenizer=None,
                    device: str | None = None, **kwargs) -> dict:
     """Load a model folder, evaluate it on `task` (kwargs as evaluate_task) and, with `out`, write
     the JSON and markdown reports there."""

@@ -18,7 +18,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..infer import check_generation, generate_batches
-from ..tasks import Problem, Task, default_max_new_tokens, extract_answer, get_task, prompt_ids
+from ..tasks import Problem, Task, default_max_new_tokens, get_task, prompt_ids
 
 Z95 = 1.959963984540054
 
@@ -66,7 +66,7 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
     votes: Counter = Counter()
     first: dict = {}
     for c in completions:
-        answer = extract_answer(c)
+        answer = task.extract(c)
         if answer is None:
             continue
         key = task.vote_key(answer, problem)
@@ -86,7 +86,9 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
                   problems: Sequence[Problem] | None = None, examples: int = 3, progress: bool = False) -> dict:
     """Evaluate `model` on n held-out problems of `task` (k = 0 skips sampling). Returns a JSON-able
     dict: settings, greedy_accuracy, pass@1, pass@k, maj@k (each {value, ci95}), format and
-    truncation rates, completion length, tokens/s and a few example completions."""
+    truncation rates, completion length, tokens/s, a few example completions, every completion with
+    its verdict (`per_completion`: write_eval writes them as JSONL) and, for a dataset, what was read
+    (`dataset`: unparseable gold answers skipped, problems per split)."""
     check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
     task = get_task(task)
     if problems is None:
@@ -103,6 +105,9 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "split": split, "n": len(problems), "k": k, "temperature": temperature,
                     "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "problem_seed": problem_seed}
+    if hasattr(task, "report"):
+        result["dataset"] = task.report()
+    result["per_completion"] = []
     generated = 0
     try:
         if greedy:
@@ -111,8 +116,9 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
             texts = [tokenizer.decode(o) for o in outs]
             correct = [task.check(t, p) for t, p in zip(texts, problems)]
             generated += sum(map(len, outs))
+            result["per_completion"] += _records(task, problems, texts, correct, "greedy", 1)
             result["greedy_accuracy"] = _proportion(sum(correct), len(correct))
-            result["format_rate"] = sum(extract_answer(t) is not None for t in texts) / len(texts)
+            result["format_rate"] = sum(task.extract(t) is not None for t in texts) / len(texts)
             result["truncated_rate"] = sum(not o or o[-1] != eos for o in outs) / len(outs)
             result["mean_completion_tokens"] = sum(map(len, outs)) / len(outs)
             result["examples"] = [{"prompt": p.prompt, "completion": t, "correct": c}
@@ -128,7 +134,9 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
             counts, maj = [], []
             for i, p in enumerate(problems):
                 group = texts[i * k:(i + 1) * k]
-                counts.append(sum(task.check(t, p) for t in group))
+                verdicts = [task.check(t, p) for t in group]
+                result["per_completion"] += _records(task, [p] * k, group, verdicts, "sample", k, first=i)
+                counts.append(sum(verdicts))
                 maj.append(majority_correct(task, p, group))
             per_problem = [c / k for c in counts]
             pass1 = sum(per_problem) / len(per_problem)
@@ -145,6 +153,15 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
     result["generated_tokens"] = generated
     result["tokens_per_s"] = generated / max(wall, 1e-9)
     return result
+
+
+def _records(task: Task, problems: Sequence[Problem], texts: Sequence[str], verdicts: Sequence[bool], mode: str,
+             per_problem: int, first: int = 0) -> list[dict]:
+    """One inspection record per completion: which problem, the gold answer, the text, the extracted
+    answer and the verdict."""
+    return [{"problem": first + i // per_problem, "mode": mode, "sample": i % per_problem, "prompt": p.prompt,
+             "gold": p.answer, "completion": t, "extracted": task.extract(t), "correct": bool(c)}
+            for i, (p, t, c) in enumerate(zip(problems, texts, verdicts))]
 
 
 def _proportion(successes: int, n: int) -> dict:

@@ -9,7 +9,8 @@ step-by-step solver traces (cold-start SFT data) and rule-based rewards.
     rewards = Rewards({"accuracy": 1.0, "format": 0.1})        # (prompts, completions, **cols) -> floats
 
 Tasks: addition (3-6 digits, carry-heavy) and addition3..addition6; multiplication (2x2 and 3x2) and
-multiplication2x2, multiplication3x2; countdown (3-4 numbers) and countdown3, countdown4.
+multiplication2x2, multiplication3x2; countdown (3-4 numbers) and countdown3, countdown4; and any local
+file of problems: `load_dataset("gsm8k.jsonl", verifier="math")` (dataset.py, verifiers in verify.py).
 """
 
 from __future__ import annotations
@@ -25,19 +26,22 @@ from .base import (ANSWER_CLOSE, ANSWER_OPEN, Problem, Task, default_max_new_tok
                    parse_integer, prompt_ids, split_of, split_reply, strip_eos)
 from .countdown import Countdown, ExpressionError, check_expression, evaluate, solve_countdown
 from .registry import TASKS, get_task, register
+from .dataset import DatasetTask, export_task, extract_gold, load_dataset, read_rows
 from .rewards import Rewards, accuracy_reward, format_reward, resolve_reward, think_reward
+from .verify import VERIFIERS, Verifier, get_verifier
 
 
 def write_chat_jsonl(task: Task | str, path: str | Path, n: int, seed: int = 0, split: str = "train",
                      difficulty: int | None = None) -> Path:
     """n solver-trace conversations as chat JSONL ({"messages": [user, assistant]} per line), the
-    cold-start SFT data `nanoseek data prepare --format chat` reads."""
+    cold-start SFT data `nanoseek data prepare --format chat` reads. A dataset task writes its traces
+    (all of the split when it holds fewer than n)."""
     task = get_task(task)
+    lines = [json.dumps({"messages": task.messages(problem)}, ensure_ascii=False) + "\n"
+             for problem in task.generate(n, seed=seed, split=split, difficulty=difficulty)]  # errors: no file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for problem in task.generate(n, seed=seed, split=split, difficulty=difficulty):
-            f.write(json.dumps({"messages": task.messages(problem)}, ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
     return path
 
 
@@ -60,4 +64,6 @@ __all__ = ["Task", "Problem", "TASKS", "get_task", "register", "Addition", "Mult
            "accuracy_reward", "format_reward", "think_reward", "resolve_reward", "extract_answer", "split_reply",
            "strip_eos", "format_reply", "parse_integer", "split_of", "addition_trace", "multiplication_trace",
            "solve_countdown", "check_expression", "evaluate", "ExpressionError", "write_chat_jsonl",
-           "prepare_cold_start", "prompt_ids", "default_max_new_tokens", "ANSWER_OPEN", "ANSWER_CLOSE"]
+           "prepare_cold_start", "prompt_ids", "default_max_new_tokens", "ANSWER_OPEN", "ANSWER_CLOSE",
+           "DatasetTask", "load_dataset", "export_task", "extract_gold", "read_rows", "VERIFIERS", "Verifier",
+           "get_verifier"]

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..tokenizer import ASSISTANT, BOS, END_THINK, EOS, PAD, THINK, USER
 
 SPLITS = ("train", "test")
@@ -37,7 +37,8 @@ _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 class Problem:
     """One task instance. `prompt` is the user message; `answer` the canonical answer (an integer in
     decimal; Countdown: its target); `data` the task's own fields (operands, numbers, target);
-    `key` what identifies the problem for the train/test split; `level` its difficulty."""
+    `key` what identifies the problem for the train/test split; `level` its difficulty; `system` a
+    system prompt put before the user message (datasets may have one; empty: none)."""
 
     task: str
     prompt: str
@@ -45,15 +46,21 @@ class Problem:
     data: dict = field(default_factory=dict, compare=False, hash=False)
     key: str = ""
     level: int = 0
+    system: str = ""
 
     def as_dict(self) -> dict:
         return {"task": self.task, "prompt": self.prompt, "answer": self.answer, "data": self.data,
-                "key": self.key, "level": self.level}
+                "key": self.key, "level": self.level, "system": self.system}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
         return cls(d["task"], d["prompt"], str(d["answer"]), dict(d.get("data", {})), d.get("key", ""),
-                   int(d.get("level", 0)))
+                   int(d.get("level", 0)), d.get("system", ""))
+
+    def chat(self) -> list[dict]:
+        """The conversation up to the user message: [system,] user."""
+        user = {"role": "user", "content": self.prompt}
+        return [{"role": "system", "content": self.system}, user] if self.system else [user]
 
 
 # ---- the reply format ---------------------------------------------------------------------------
@@ -149,6 +156,10 @@ class Task:
         """The text the solver puts in the answer tag."""
         return problem.answer
 
+    def extract(self, completion: str) -> str | None:
+        """The answer of a well-formed completion, or None (the strict `<answer>` format by default)."""
+        return extract_answer(completion)
+
     def check_answer(self, answer: str, problem: Problem) -> bool:
         """Exact comparison of an extracted answer; integers by default."""
         return parse_integer(answer) == problem.answer
@@ -160,7 +171,7 @@ class Task:
     # -- shared ------------------------------------------------------------------------------------
     def check(self, completion: str, problem: Problem) -> bool:
         """True only for a well-formed completion whose answer is exactly right."""
-        answer = extract_answer(completion)
+        answer = self.extract(completion)
         return answer is not None and self.check_answer(answer, problem)
 
     def split_of(self, problem: Problem) -> str:
@@ -204,8 +215,7 @@ class Task:
                 "content": f"{ANSWER_OPEN}{self.solution(problem)}{ANSWER_CLOSE}"}
 
     def messages(self, problem: Problem, with_reply: bool = True) -> list[dict]:
-        user = {"role": "user", "content": problem.prompt}
-        return [user, self.reply(problem)] if with_reply else [user]
+        return problem.chat() + [self.reply(problem)] if with_reply else problem.chat()
 
     def completion(self, problem: Problem) -> str:
         """The solver's reply as generated text after the generation prompt (checks True)."""
@@ -228,11 +238,16 @@ def _check_split(split: str) -> None:
 # ---- prompts and reply lengths ------------------------------------------------------------------
 def prompt_ids(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
     """R1 chat prompts (ending with `<｜Assistant｜><think>\\n`) for the problems."""
-    chats = [[{"role": "user", "content": p.prompt}] for p in problems]
+    chats = [p.chat() for p in problems]
     return [ids for ids, _ in tokenizer.encode_chats(chats, add_generation_prompt=True)]
 
 
 def default_max_new_tokens(task: Task, tokenizer, problems: Sequence[Problem], margin: float = 1.5) -> int:
-    """Room for 1.5x the longest solver reply among the problems (+16 tokens)."""
-    longest = max((len(tokenizer.encode(task.completion(p))) + 1 for p in problems), default=64)
+    """Room for 1.5x the longest solver reply among the problems (+16 tokens). A task without solver
+    replies (a dataset without traces) cannot size them: ConfigError asking for max_new_tokens."""
+    try:
+        replies = [task.completion(p) for p in problems]
+    except DataError as e:
+        raise ConfigError(f"max_new_tokens must be given: no solver reply to size it by ({e})") from None
+    longest = max((len(tokenizer.encode(r)) + 1 for r in replies), default=64)
     return int(margin * longest) + 16

@@ -54,9 +54,13 @@ def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], problem:
     return out
 
 
-def format_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+def format_reward(prompts: Sequence[str], completions: Sequence[str], problem: Sequence[Problem] | None = None,
+                  **_) -> list[float]:
     """1.0 for the R1 layout (reasoning, `</think>`, one non-empty `<answer>` and nothing after),
-    whatever the answer says; else 0.0."""
+    whatever the answer says; else 0.0. With a `problem` column the task's own reading decides (a
+    dataset task may accept a single `\\boxed{}` reply instead of the answer tags)."""
+    if problem is not None:
+        return [float(get_task(p.task).extract(c) is not None) for c, p in zip(completions, problem)]
     return [float(extract_answer(c) is not None) for c in completions]
 
 

@@ -20,15 +20,16 @@ from ..checkpoint import load_model_and_tokenizer, resolve_model_dir
 from ..data import prepare
 from ..errors import DataError
 from ..infer import check_generation, generate_batches
-from ..tasks import default_max_new_tokens, extract_answer, get_task, prompt_ids, split_reply, strip_eos
+from ..tasks import Task, default_max_new_tokens, get_task, prompt_ids, split_reply, strip_eos
 from ..tokenizer import Tokenizer
 from .recipe import TrainRecipe
 from .trainer import train
 
 
-def completion_to_message(completion: str) -> dict | None:
-    """The assistant message of a well-formed completion (text after `<think>\\n`), or None."""
-    if extract_answer(completion) is None:
+def completion_to_message(completion: str, task: Task) -> dict | None:
+    """The assistant message of a completion (text after `<think>\\n`) well-formed for `task` (its
+    reply format: a dataset may accept a boxed answer), or None."""
+    if task.extract(completion) is None:
         return None
     reasoning, tail = split_reply(completion)
     if reasoning.endswith("\n"):  # the chat template writes reasoning + "\n</think>"
@@ -36,13 +37,14 @@ def completion_to_message(completion: str) -> dict | None:
     return {"role": "assistant", "reasoning_content": reasoning, "content": strip_eos(tail).strip()}
 
 
-def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_per_problem: int = 4,
+def sample_traces(teacher: str | Path, task: Task | str, n_problems: int, *, samples_per_problem: int = 4,
                   keep_per_problem: int = 1, temperature: float = 0.6, top_p: float = 0.95,
                   max_new_tokens: int | None = None, batch_size: int = 128, seed: int = 0,
                   difficulty: int | None = None, progress: bool = True) -> tuple[list[dict], dict]:
     """Rejection sampling: `samples_per_problem` teacher samples for each of `n_problems` train-split
-    problems; keeps up to `keep_per_problem` distinct correct traces per problem. Returns (chat
-    records, statistics)."""
+    problems; keeps up to `keep_per_problem` distinct correct traces per problem. `task`: a name or a
+    Task (a DatasetTask samples its train split; fewer problems than asked: all of them). Returns
+    (chat records, statistics)."""
     if samples_per_problem < 1 or keep_per_problem < 1 or n_problems < 1:
         raise DataError("n_problems, samples_per_problem and keep_per_problem must be at least 1")
     check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -64,15 +66,15 @@ def sample_traces(teacher: str | Path, task: str, n_problems: int, *, samples_pe
             if not task.check(text, problem):
                 continue
             correct += 1
-            message = completion_to_message(text)
+            message = completion_to_message(text, task)
             key = (message["reasoning_content"], message["content"])
             if kept < keep_per_problem and key not in seen:
                 seen.add(key)
                 kept += 1
-                records.append({"messages": [{"role": "user", "content": problem.prompt}, message]})
+                records.append({"messages": problem.chat() + [message]})
         solved += kept > 0
     total = len(rows)
-    stats = {"teacher": str(teacher), "task": task.name, "problems": n_problems,
+    stats = {"teacher": str(teacher), "task": task.name, "problems": len(problems),
              "samples_per_problem": samples_per_problem, "temperature": temperature, "top_p": top_p,
              "max_new_tokens": max_new_tokens, "samples": total, "correct_samples": correct,
              "acceptance_rate": correct / total, "problems_solved": solved, "kept_traces": len(records),
@@ -89,7 +91,7 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     return path
 
 
-def distill(teacher: str | Path, task: str, out: str | Path, *, n_problems: int = 1000,
+def distill(teacher: str | Path, task: Task | str, out: str | Path, *, n_problems: int = 1000,
             samples_per_problem: int = 4, keep_per_problem: int = 1, temperature: float = 0.6, top_p: float = 0.95,
             max_new_tokens: int | None = None, batch_size: int = 128, seed: int = 0, difficulty: int | None = None,
             student: dict | None = None, train_student: bool = True, progress: bool = True) -> dict:

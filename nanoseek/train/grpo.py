@@ -57,8 +57,9 @@ from ..errors import ConfigError
 from ..infer import generate_batches
 from ..model import Transformer
 from ..runio import pyplot, read_metrics, save_figure
-from ..tasks import Rewards, default_max_new_tokens, get_task, prompt_ids
+from ..tasks import Rewards, Task, default_max_new_tokens, get_task, load_dataset, prompt_ids
 from ..tasks.base import make_rng
+from ..tasks.dataset import DATASET_OPTIONS
 from ..tasks.rewards import absolute_reward_paths, reward_columns
 from ..tokenizer import Tokenizer
 from .common import build_optimizer, expert_loads, lr_at, mtp_cross_entropy, mtp_depths
@@ -85,11 +86,24 @@ class GRPORecipe(RunRecipe):
 
     WHAT: ClassVar[str] = "GRPO recipe"
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ("init_from", "task", "difficulty", "seed", "prompts_per_step",
-                                              "group_size")
+                                              "group_size", "dataset", "test_file", "split_field", "test_fraction")
 
     init_from: str = ""  # the starting policy
-    task: str = "addition3"
+    task: str = ""  # a built-in task (addition3 when neither task nor dataset is set)
     difficulty: int | None = None  # a fixed difficulty level of the task (default: its mix)
+    # or problems from a local file (JSONL/JSON/CSV/Parquet; nanoseek/tasks/dataset.py), "" fields: defaults
+    dataset: str = ""
+    test_file: str = ""  # the dataset's test split from a second file
+    prompt_field: str = ""
+    answer_field: str = ""
+    trace_field: str = ""
+    system_field: str = ""
+    split_field: str = ""
+    test_fraction: float = 0.1  # test share when the split is a hash of the question
+    verifier: str = "math"  # math | exact | numeric | choice | regex
+    tolerance: float = 1e-6  # the numeric verifier's relative tolerance
+    template: str = "default"  # default | plain | a prompt template with {question}
+    reply_format: str = "either"  # answer | boxed | either (what may follow </think>)
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # name|module:fn -> weight
     # rollouts
     prompts_per_step: int = 16
@@ -137,8 +151,31 @@ class GRPORecipe(RunRecipe):
             self.bad("eval_split", "must be 'train' or 'test'", source)
         if self.temperature == 0:
             self.bad("temperature", "must be positive (greedy rollouts give identical samples)", source)
+        self._validate_problems(source)
         self._validate_rewards(source)
         return self
+
+    def _validate_problems(self, source: str | None) -> None:
+        """task or dataset (not both); a dataset is read here, so a bad file fails before any run folder."""
+        if self.task and self.dataset:
+            self.bad("dataset", f"set either task ({self.task!r}) or dataset, not both", source)
+        if not self.dataset:
+            self.task = self.task or "addition3"
+            return
+        if self.difficulty is not None:
+            self.bad("difficulty", "a dataset has no difficulty levels", source)
+        task = self.build_task()
+        if not self.max_new_tokens and not task.has_traces("train"):
+            self.bad("max_new_tokens", f"the dataset {self.dataset} has no reasoning trace for every train problem "
+                     "to size replies by: set it", source)
+        if self.eval_every and not task.problems[self.eval_split]:
+            self.bad("eval_split", f"the dataset {self.dataset} has no {self.eval_split} problems", source)
+
+    def build_task(self) -> Task:
+        """The task the recipe trains on: the built-in one, or the dataset (read once, registered)."""
+        if not self.dataset:
+            return get_task(self.task or "addition3")
+        return load_dataset(self.dataset, **{k: getattr(self, k) for k in DATASET_OPTIONS})
 
     def _validate_rewards(self, source: str | None) -> None:
         """Load every reward now (a missing file, module or function fails before any run folder
@@ -352,7 +389,7 @@ class GRPOTrainer(Algorithm):
             raise ConfigError(f"invalid GRPO recipe field 'prompts_per_step': {recipe.prompts_per_step} prompts "
                               f"cannot be split evenly over {self.world} processes")
         self.device = parallel.device
-        self.task = get_task(recipe.task)
+        self.task = recipe.build_task()
         self.rewards = Rewards(dict(recipe.rewards))
         self.tokenizer_dir = recipe.tokenizer or recipe.init_from
         self.tokenizer = Tokenizer.load(self.tokenizer_dir)
