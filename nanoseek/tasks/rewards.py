@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from ..errors import ConfigError, NanoseekError
 from .base import Problem, extract_answer, parse_integer, split_reply
-from .registry import get_task
+from .registry import TASKS, get_task
 
 RewardFn = Callable[..., list[float]]
 
@@ -58,10 +58,12 @@ def format_reward(prompts: Sequence[str], completions: Sequence[str], problem: S
                   **_) -> list[float]:
     """1.0 for the R1 layout (reasoning, `</think>`, one non-empty `<answer>` and nothing after),
     whatever the answer says; else 0.0. With a `problem` column the task's own reading decides (a
-    dataset task may accept a single `\\boxed{}` reply instead of the answer tags)."""
-    if problem is not None:
-        return [float(get_task(p.task).extract(c) is not None) for c, p in zip(completions, problem)]
-    return [float(extract_answer(c) is not None) for c in completions]
+    dataset task may accept a single `\\boxed{}` reply instead of the answer tags); a problem of no
+    registered task is read strictly."""
+    if problem is None:
+        return [float(extract_answer(c) is not None) for c in completions]
+    readers = [TASKS[p.task].extract if p.task in TASKS else extract_answer for p in problem]
+    return [float(read(c) is not None) for c, read in zip(completions, readers)]
 
 
 def think_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
