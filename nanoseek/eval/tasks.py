@@ -101,13 +101,14 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
         max_new_tokens = default_max_new_tokens(task, tokenizer, problems)
     eos = tokenizer.eos_id
     prompts = prompt_ids(tokenizer, problems)
-    compute = compute_models(model, precision)  # cast once for every batch
+    compute = compute_models(model, precision) if precision is not None else None  # cast once for all batches
     total = len(prompts) * ((1 if greedy else 0) + k)
     bar = tqdm(total=total, desc=f"eval {task.name}", unit="seq", disable=not progress, leave=False)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "split": split, "n": len(problems), "k": k, "temperature": temperature,
                     "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "problem_seed": problem_seed,
-                    "precision": compute.plan.name, "precision_detail": compute.plan.describe()}
+                    "precision": compute.plan.name if compute else None,
+                    "precision_detail": compute.plan.describe() if compute else None}
     generated = 0
     try:
         if greedy:
