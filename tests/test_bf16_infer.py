@@ -144,9 +144,11 @@ def test_bf16_greedy_replays_the_toy_conversations(toy):
         engine, _ = load_engine(toy, max_batch=4, **options)
         assert engine.model.dtype == torch.bfloat16 and engine.dtype == torch.bfloat16
         assert [r.output_ids for r in engine.generate(prompts, params)] == ref
-    split = Engine(engine32.model, tok, max_batch=4, precision=inference_precision(Precision("bf16", "auto")))
-    assert split.compute.fast is not None
-    assert [r.output_ids for r in split.generate(prompts, params)] == ref
+    for speculative in (False, True):  # 4 rows x 2 tokens: speculative steps run on the bf16 copy
+        split = Engine(engine32.model, tok, max_batch=4, speculative=speculative,
+                       precision=inference_precision(Precision("bf16", "auto")))
+        assert split.compute.fast is not None and split.dtype == torch.float32
+        assert [r.output_ids for r in split.generate(prompts, params)] == ref
 
 
 def test_generate_with_precision_matches_fp32_on_well_separated_logits():
