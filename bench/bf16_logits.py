@@ -94,7 +94,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def markdown(rows: dict) -> str:
     lines = ["| config | positions | max abs | mean abs | mean abs / mean abs fp32 logit | top-1 agreement | "
-             f"fp32 top-1 margin: median / where top-1 differs | greedy {NEW_TOKENS} tokens equal | mean equal prefix |",
+             "fp32 top-1 margin: median / where top-1 differs | "
+             f"greedy {NEW_TOKENS} tokens equal | mean equal prefix |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['positions']} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "

@@ -168,9 +168,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     scheduler = Scheduler(engine, max_waiting=args.max_waiting)
     app = create_app(scheduler, tokenizer, config, policy)
-    print(f"serving {config.model_name} (context {engine.max_model_len}, batch {engine.max_batch}, "
-          f"precision {engine.precision_plan.describe()}{', speculative' if args.speculative else ''}{', policy ' + str(args.policy) if policy else ''}) "
-          f"on http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr)
+    print(f"serving {config.model_name} (context {engine.max_model_len}, batch {engine.max_batch}"
+          f"{', speculative' if args.speculative else ''}{', policy ' + str(args.policy) if policy else ''}) "
+          f"on http://{args.host}:{args.port}  (web chat at /, API at /v1); precision "
+          f"{engine.precision_plan.describe()}", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     **uvicorn_options(args.forwarded_allow_ips))
