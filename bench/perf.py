@@ -233,8 +233,8 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
 
 def bf16_inference_rows(model: Transformer, batch: torch.Tensor, quick: bool, rows: dict) -> dict:
     """Prefill 1 x 256 and greedy decode at batch 1 and 8 (32-token prompts) for --precision fp32, bf16
-    (bf16 weights and cache) and auto (on an AMX CPU: fp32 below 8 tokens per forward, a bf16 copy
-    from 8), interleaved in one process so the ratios hold on a shared machine. The weights are cast
+    (bf16 weights and cache) and auto (on an AMX CPU: fp32 below 64 tokens per forward, a bf16 copy
+    from 64), interleaved in one process so the ratios hold on a shared machine. The weights are cast
     once, before timing. Returns the auto plan and greedy equality of bf16 with fp32."""
     plans = {p: compute_models(model, p) for p in ("fp32", "bf16", "auto")}
     x = batch[:1, :256]

@@ -17,7 +17,8 @@ from nanoseek import generate
 from nanoseek.cli import main
 from nanoseek.errors import ConfigError
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.compute import AUTO_BF16_MIN_TOKENS, cast_copy, compute_models, inference_precision
+from nanoseek.infer.compute import (AUTO_BF16_MIN_TOKENS, InferencePrecision, cast_copy, compute_models,
+                                    inference_precision)
 from nanoseek.infer.quant import quantize_int8
 from nanoseek.model import LatentCache
 from nanoseek.precision import FORCE_ENV, Precision
@@ -50,7 +51,8 @@ def test_auto_on_a_cpu_without_fast_bf16_is_fp32(monkeypatch):
 def test_auto_on_a_cpu_with_fast_bf16_splits_forwards_by_size(bf16_fast):
     plan = inference_precision("auto", "cpu")
     assert plan.weights == torch.float32 and plan.bf16_min_tokens == AUTO_BF16_MIN_TOKENS
-    assert plan.name == "fp32+bf16" and "below 8 tokens per forward, bf16 from 8" in plan.describe()
+    assert plan.name == "fp32+bf16"
+    assert f"below {AUTO_BF16_MIN_TOKENS} tokens per forward, bf16 from {AUTO_BF16_MIN_TOKENS}" in plan.describe()
     # a Precision resolved elsewhere (a recipe's) maps the same way
     assert inference_precision(Precision("bf16", "auto: NANOSEEK_BF16=1")) == plan
     assert inference_precision(Precision("bf16", "requested")).weights == torch.bfloat16
@@ -144,9 +146,9 @@ def test_bf16_greedy_replays_the_toy_conversations(toy):
         engine, _ = load_engine(toy, max_batch=4, **options)
         assert engine.model.dtype == torch.bfloat16 and engine.dtype == torch.bfloat16
         assert [r.output_ids for r in engine.generate(prompts, params)] == ref
-    for speculative in (False, True):  # 4 rows x 2 tokens: speculative steps run on the bf16 copy
-        split = Engine(engine32.model, tok, max_batch=4, speculative=speculative,
-                       precision=inference_precision(Precision("bf16", "auto")))
+    split_plan = InferencePrecision(torch.float32, 4, "test: the bf16 copy from 4 tokens")
+    for speculative in (False, True):  # the prefill and the 4 rows x 2 tokens of a speculative step: bf16
+        split = Engine(engine32.model, tok, max_batch=4, speculative=speculative, precision=split_plan)
         assert split.compute.fast is not None and split.dtype == torch.float32
         assert [r.output_ids for r in split.generate(prompts, params)] == ref
 

@@ -28,7 +28,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="how the model computes: fp32, bf16 (bf16 weights and cache), or auto (default): "
                         "bf16 where a cached probe finds it faster; on a CPU then fp32 for forwards of fewer "
-                        "than 8 tokens (batch-1 decoding) and a bf16 copy of the weights for the rest")
+                        "than 64 tokens (decoding, short prompts) and a bf16 copy of the weights for the rest")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="load the weights in this dtype and compute in it (instead of --precision; default: "
                         "as --precision says)")

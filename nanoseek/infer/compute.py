@@ -2,7 +2,7 @@
 per forward by its size.
 
     from nanoseek.infer.compute import inference_precision
-    inference_precision("auto", "cpu")   # fp32 below 8 tokens per forward, bf16 from 8 (auto: ...)
+    inference_precision("auto", "cpu")   # fp32 below 64 tokens per forward, bf16 from 64 (auto: ...)
 
 - `fp32`: fp32 weights and latent cache (the reference path; what the parity tests check).
 - `bf16`: bf16 copies of the weights (half the bytes read per decoded token) and a bf16 latent cache
@@ -10,12 +10,15 @@ per forward by its size.
   the rope frequencies, norms' statistics, softmax and the sampler's logits.
 - `auto`: `nanoseek.precision.resolve_precision` decides whether bf16 pays at all (CUDA, or a CPU whose
   cached matmul probe measures bf16 >= 1.3x fp32; NANOSEEK_BF16=0/1 overrides). On a CUDA device bf16
-  then runs throughout. On a CPU, bf16 pays only for matmuls with several rows: torch's bf16 GEMV
-  (one row) is slower than its fp32 one on AMX Xeons, so a decode step at batch 1 ran 0.6-0.7x fp32
-  with bf16 weights, while prefill ran 1.4-1.5x and batch-8 decode 1.1-1.3x (docs/inference.md).
-  `auto` there keeps the fp32 weights and cache for forwards of fewer than AUTO_BF16_MIN_TOKENS tokens
-  and runs larger ones (prefill, decode at batch >= 8) on a bf16 copy of the weights: 1.5x the weight
-  memory, never slower than fp32.
+  then runs throughout. On a CPU, bf16 pays only for matmuls of many rows: AMX speeds up bf16 GEMMs
+  ~4x, but torch's bf16 GEMV and few-row GEMMs are no faster than fp32 (slower with the weights in
+  cache), and an MoE splits a forward's tokens over its experts (bench-192m: 64 tokens give each
+  expert ~6 rows). Measured on an AMX Xeon (docs/inference.md): bf16 weights ran a bench-192m forward
+  of 8-32 tokens at 0.9-1.0x fp32, 64 tokens at 1.15x, 128 at 1.4x, 256 at 1.8x, and decoding at
+  batch 1 at 0.6-0.8x. `auto` there keeps the fp32 weights and cache for forwards of fewer than
+  AUTO_BF16_MIN_TOKENS tokens (decoding, short prompts) and runs larger ones (long prefills, decode
+  steps of >= 64 rows) on a bf16 copy of the weights: 1.5x the weight memory, and in those
+  measurements never slower than fp32.
 
 Autocast around fp32 weights is not used for decoding: it would read the fp32 weights and write bf16
 copies of them on every step, more bytes than fp32 alone.
@@ -33,7 +36,7 @@ from ..model import Transformer
 from ..precision import Precision, check_precision, resolve_precision
 from .quant import Int8Linear, Int8RoutedExperts
 
-AUTO_BF16_MIN_TOKENS = 8  # auto on a CPU: forwards of at least this many tokens run on the bf16 copy
+AUTO_BF16_MIN_TOKENS = 64  # auto on a CPU: forwards of at least this many tokens run on the bf16 copy
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -75,7 +78,7 @@ def inference_precision(requested: str | Precision = "auto",
         return InferencePrecision(torch.float32, None, prec.reason)
     if auto and device.type == "cpu":
         return InferencePrecision(torch.float32, AUTO_BF16_MIN_TOKENS,
-                                  f"{prec.reason}; bf16 GEMVs of one row are slower than fp32 on a CPU")
+                                  f"{prec.reason}; CPU bf16 matmuls of few rows are no faster than fp32")
     return InferencePrecision(torch.bfloat16, None, prec.reason)
 
 
