@@ -71,7 +71,7 @@ def test_evaluate_task_with_a_scripted_model(model_dir, monkeypatch):
     calls = []
 
     def fake_generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-                      eos_token_id=None, precision=None):
+                      eos_token_id=None):
         calls.append((temperature, top_p, len(prompts)))
         out = []
         for j, ids in enumerate(prompts):

@@ -74,12 +74,13 @@ def generate_batches(model: Transformer, prompts: list[list[int]], *, max_new_to
     """`generate` over consecutive batches of `batch_size` prompts, batch b seeded with seed + b (so the
     result does not depend on how many batches came before in another call); `on_batch(n)` after each.
     `precision` as in `generate`; the weights are cast once for all batches."""
-    compute = compute_models(model, precision) if precision is not None else None
+    # the option goes on only when given, so a stand-in for `generate` need not know it
+    options = {} if precision is None else {"precision": compute_models(model, precision)}
     out: list[list[int]] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         out += generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed + b, eos_token_id=eos_id, precision=compute)
+                        seed=seed + b, eos_token_id=eos_id, **options)
         if on_batch is not None:
             on_batch(len(batch))
     return out
