@@ -3,11 +3,12 @@
 For each config: train step (fwd + bwd + AdamW) tokens/s, prefill tokens/s, decode tokens/s at batch
 1 and 8 (through the public `nanoseek.generate` and transformers' `generate`, greedy, with a check that
 the tokens agree), an all-dense nanoseek model with the same activated parameters (the MoE overhead),
-int8 weight-only decoding, peak RSS per phase, KV-cache bytes per token and MFU against a measured
-fp32 matmul peak. Prints a table, which of the performance issue's goals hold, and writes
-bench/results/perf.json.
+int8 weight-only decoding, bf16 against fp32 inference (`bf16_inference_rows`: prefill 256, decode at
+batch 1 and 8, for --precision fp32, bf16 and auto), peak RSS per phase, KV-cache bytes per token and
+MFU against a measured fp32 matmul peak. Prints a table, which of the performance issue's goals hold,
+and writes bench/results/perf.json.
 
-    .venv/bin/python bench/perf.py [--configs bench-8m bench-192m] [--quick]
+    .venv/bin/python bench/perf.py [--configs bench-8m bench-192m] [--quick] [--only-bf16-inference]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
 from nanoseek import ModelConfig, Transformer, generate, save_model  # noqa: E402
+from nanoseek.infer.compute import compute_models  # noqa: E402
 from nanoseek.infer.quant import quantize_int8  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
@@ -220,11 +222,58 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
         phase(rows, f"decode b{bs} nanoseek int8", lambda: generate(qmodel, prompts, max_new_tokens=new),
               bs * new, 2 if quick else 3)
 
+    res.update(bf16_inference_rows(model, batch, quick, rows))
     res["rows"] = rows
     res["kv_cache_bytes_per_token_fp32"] = {
         "nanoseek_latent": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
         "per_head_kv": cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4,
     }
+    return res
+
+
+def bf16_inference_rows(model: Transformer, batch: torch.Tensor, quick: bool, rows: dict) -> dict:
+    """Prefill 1 x 256 and greedy decode at batch 1 and 8 (32-token prompts) for --precision fp32, bf16
+    (bf16 weights and cache) and auto (on an AMX CPU: fp32 below 64 tokens per forward, a bf16 copy
+    from 64), interleaved in one process so the ratios hold on a shared machine. The weights are cast
+    once, before timing. Returns the auto plan and greedy equality of bf16 with fp32."""
+    plans = {p: compute_models(model, p) for p in ("fp32", "bf16", "auto")}
+    x = batch[:1, :256]
+    with torch.inference_mode():
+        interleaved(rows, {f"prefill {p}": (lambda m=c.for_tokens(x.numel()): m(x), x.numel())
+                           for p, c in plans.items()}, 3 if quick else 5)
+    new = 32 if quick else 64
+    out = {"bf16_auto_plan": plans["auto"].plan.describe()}
+    for bs in (1, 8):
+        prompts = batch[:bs, :32].tolist()
+        runs = {p: (lambda c=c, prompts=prompts: generate(model, prompts, max_new_tokens=new, precision=c))
+                for p, c in plans.items()}
+        out[f"bf16_greedy_equal_fp32_b{bs}"] = runs["bf16"]() == runs["fp32"]()
+        interleaved(rows, {f"decode b{bs} {p}": (run, bs * new) for p, run in runs.items()}, 2 if quick else 3)
+    return out
+
+
+BF16_RATIOS = [
+    ("prefill bf16 vs fp32", "prefill bf16", "prefill fp32"),
+    ("decode b1 bf16 vs fp32", "decode b1 bf16", "decode b1 fp32"),
+    ("decode b8 bf16 vs fp32", "decode b8 bf16", "decode b8 fp32"),
+    ("prefill auto vs fp32", "prefill auto", "prefill fp32"),
+    ("decode b1 auto vs fp32", "decode b1 auto", "decode b1 fp32"),
+    ("decode b8 auto vs fp32", "decode b8 auto", "decode b8 fp32"),
+]
+
+
+def bench_bf16_only(name: str, quick: bool) -> dict:
+    """Only the bf16 inference rows of config `name` (no transformers, no training)."""
+    cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    batch = torch.randint(0, cfg.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
+    rows: dict = {}
+    res = {"config": name, **bf16_inference_rows(model, batch, quick, rows), "rows": rows}
+    res["ratios"] = {label: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for label, a, b in BF16_RATIOS}
     return res
 
 
@@ -236,7 +285,7 @@ RATIOS = [
     ("decode b8", "decode b8 nanoseek", "decode b8 transformers"),
     ("decode b1 int8 vs our fp32", "decode b1 nanoseek int8", "decode b1 nanoseek"),
     ("decode b8 int8 vs our fp32", "decode b8 nanoseek int8", "decode b8 nanoseek"),
-]
+] + BF16_RATIOS
 
 
 # The goals of the performance issue (benchmark goals, never test assertions). Decode ratios are
@@ -288,10 +337,28 @@ def print_table(results: list[dict], peak: float):
               f"(mean |logit| {e['mean_abs_fp32_logit']:.3g})")
         print(f"  greedy tokens identical to transformers: b1 {res['greedy_identical_b1']}, "
               f"b8 {res['greedy_identical_b8']}")
+        print_bf16_notes(res)
         print("targets")
         for t in res["targets"]:
             value = "" if t["value"] is None else f"{t['value']:.2f}"
             print(f"  {t['goal']:<50}{value:>8}  {'holds' if t['holds'] else 'MISSED'}")
+        print()
+
+
+def print_bf16_notes(res: dict):
+    print(f"  --precision auto here: {res['bf16_auto_plan']}")
+    print(f"  bf16 greedy tokens identical to fp32: b1 {res['bf16_greedy_equal_fp32_b1']}, "
+          f"b8 {res['bf16_greedy_equal_fp32_b8']}")
+
+
+def print_bf16_table(results: list[dict]):
+    for res in results:
+        print(f"== {res['config']}: bf16 inference (tokens/s; interleaved, medians)")
+        for key, r in res["rows"].items():
+            print(f"{key:<34}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}")
+        for label, value in res["ratios"].items():
+            print(f"  {label:<40}{value:>8.2f}x")
+        print_bf16_notes(res)
         print()
 
 
@@ -300,7 +367,18 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["bench-8m", "bench-192m"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
     ap.add_argument("--out", default="bench/results/perf.json")
+    ap.add_argument("--only-bf16-inference", action="store_true",
+                    help="only the bf16 against fp32 inference rows (no transformers, no training)")
     args = ap.parse_args()
+    if args.only_bf16_inference:
+        results = [bench_bf16_only(name, args.quick) for name in args.configs]
+        print_bf16_table(results)
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+        out = Path(args.out).with_name("perf_bf16_inference.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"wrote {out}")
+        return
     peak = matmul_peak()
     results = [bench_config(name, args.quick, peak) for name in args.configs]
     for res in results:

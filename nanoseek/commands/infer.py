@@ -13,6 +13,7 @@ import torch
 from ..cli import EXIT_OK, command
 from ..errors import NanoseekError
 from ..infer.scheduler import Scheduler
+from ..precision import PRECISIONS
 
 # serve/ (FastAPI, pydantic: about 0.7 s) and uvicorn are imported inside the commands that run a
 # model, so that `nanoseek --help`, which imports every command module, does not pay for them.
@@ -24,8 +25,13 @@ DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bf
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, metavar="PATH", help="an HF-format model folder with tokenizer files")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="how the model computes: fp32, bf16 (bf16 weights and cache), or auto (default): "
+                        "bf16 where a cached probe finds it faster; on a CPU then fp32 for forwards of fewer "
+                        "than 64 tokens (decoding, short prompts) and a bf16 copy of the weights for the rest")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                   help="weights dtype (default: as stored; FP8 checkpoints become bf16)")
+                   help="load the weights in this dtype and compute in it (instead of --precision; default: "
+                        "as --precision says)")
     p.add_argument("--max-model-len", type=int, metavar="N",
                    help="context length: prompt + reply tokens (default: the model's max_position_embeddings)")
     p.add_argument("--speculative", action="store_true",
@@ -44,16 +50,27 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _compute_options(args) -> dict:
+    """load_engine's dtype and precision from --dtype and --precision (one of the two may be set)."""
+    dtype = DTYPES[args.dtype]
+    if dtype is None:
+        return {"dtype": None, "precision": args.precision}
+    if args.precision != "auto":
+        raise NanoseekError(f"--dtype {args.dtype} and --precision {args.precision} both choose how the model "
+                            "computes: give one of them")
+    return {"dtype": getattr(torch, dtype), "precision": None}
+
+
 def _setup(args, max_batch: int):
     from ..serve import Policy, load_engine
     _set_threads(args.threads)
     if args.max_model_len is not None and args.max_model_len < 2:
         raise NanoseekError("--max-model-len must be at least 2")
+    compute = _compute_options(args)
     policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
-    dtype = DTYPES[args.dtype]
     engine, tokenizer = load_engine(args.path, max_batch=max_batch, max_model_len=args.max_model_len,
-                                    speculative=args.speculative, device=args.device,
-                                    dtype=getattr(torch, dtype) if dtype else None)
+                                    speculative=args.speculative, device=args.device, **compute)
+    print(f"precision: {engine.precision_plan.describe()}", file=sys.stderr)
     return engine, tokenizer, policy
 
 
@@ -138,11 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             raise NanoseekError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
     _set_threads(args.threads)
+    compute = _compute_options(args)
     policy = Policy.load(args.policy, audit_path=args.audit) if args.policy else None
-    dtype = DTYPES[args.dtype]
     engine, tokenizer = load_engine(args.path, max_batch=args.max_batch, max_model_len=args.max_model_len,
                                     speculative=args.speculative, prefill_chunk=args.prefill_chunk,
-                                    device=args.device, dtype=getattr(torch, dtype) if dtype else None)
+                                    device=args.device, **compute)
     config = ServerConfig(model_name=args.served_model_name or args.path.resolve().name, api_key=key,
                           max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
@@ -153,7 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(scheduler, tokenizer, config, policy)
     print(f"serving {config.model_name} (context {engine.max_model_len}, batch {engine.max_batch}"
           f"{', speculative' if args.speculative else ''}{', policy ' + str(args.policy) if policy else ''}) "
-          f"on http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr)
+          f"on http://{args.host}:{args.port}  (web chat at /, API at /v1); precision "
+          f"{engine.precision_plan.describe()}", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     **uvicorn_options(args.forwarded_allow_ips))

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..eval import markdown_table, summary_line, write_eval
 from ..eval.tasks import evaluate_task
 from ..infer import check_generation
+from ..precision import PRECISIONS
 from ..tasks import TASKS, get_task, write_chat_jsonl
 from ..tasks.dataset import DATASET_OPTIONS, EXPORT_OPTIONS, export_task, load_dataset
 from ..train.distill import distill
@@ -216,6 +217,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON result")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     _dataset_arguments(p)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="how generation computes: fp32, bf16 or auto (default; see nanoseek chat --help)")
 
 
 @command("eval", "held-out accuracy on a reasoning task or dataset: greedy, pass@1 over k samples, pass@k, maj@k",
@@ -231,8 +234,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_model_and_tokenizer(args.path, args.tokenizer)
     result = evaluate_task(model, tok, task, problems=problems, k=args.k, temperature=args.temperature,
                            top_p=args.top_p, greedy=not args.no_greedy, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty())
+                           batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(),
+                           precision=args.precision)
     result["model"] = str(args.path)
+    print(f"precision: {result['precision_detail']}", file=sys.stderr)
     if args.out:
         json_path, md_path = write_eval(result, args.out, str(args.path))
         print(f"wrote {json_path} and {md_path}", file=sys.stderr)

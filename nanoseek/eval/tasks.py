@@ -18,6 +18,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..infer import check_generation, generate_batches
+from ..infer.compute import compute_models
 from ..tasks import Problem, Task, default_max_new_tokens, get_task, prompt_ids
 
 Z95 = 1.959963984540054
@@ -83,12 +84,14 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
 def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int = 8, temperature: float = 0.6,
                   top_p: float = 0.95, greedy: bool = True, max_new_tokens: int | None = None,
                   batch_size: int = 128, seed: int = 0, problem_seed: int = 1234, split: str = "test",
-                  problems: Sequence[Problem] | None = None, examples: int = 3, progress: bool = False) -> dict:
+                  problems: Sequence[Problem] | None = None, examples: int = 3, progress: bool = False,
+                  precision: str | None = None) -> dict:
     """Evaluate `model` on n held-out problems of `task` (k = 0 skips sampling). Returns a JSON-able
     dict: settings, greedy_accuracy, pass@1, pass@k, maj@k (each {value, ci95}), format and
     truncation rates, completion length, tokens/s, a few example completions, every completion with
     its verdict (`per_completion`: write_eval writes them as JSONL) and, for a dataset, what was read
-    (`dataset`: unparseable gold answers skipped, problems per split)."""
+    (`dataset`: unparseable gold answers skipped, problems per split). precision: how the
+    generation computes (auto | fp32 | bf16, `nanoseek.infer.compute`; None: the model's dtype)."""
     check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
     task = get_task(task)
     if problems is None:
@@ -100,11 +103,14 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
         max_new_tokens = default_max_new_tokens(task, tokenizer, problems)
     eos = tokenizer.eos_id
     prompts = prompt_ids(tokenizer, problems)
+    compute = compute_models(model, precision) if precision is not None else None  # cast once for all batches
     total = len(prompts) * ((1 if greedy else 0) + k)
     bar = tqdm(total=total, desc=f"eval {task.name}", unit="seq", disable=not progress, leave=False)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "split": split, "n": len(problems), "k": k, "temperature": temperature,
-                    "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "problem_seed": problem_seed}
+                    "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "problem_seed": problem_seed,
+                    "precision": compute.plan.name if compute else None,
+                    "precision_detail": compute.plan.describe() if compute else None}
     if hasattr(task, "report"):
         result["dataset"] = task.report()
     result["per_completion"] = []
@@ -112,7 +118,8 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
     try:
         if greedy:
             outs = generate_batches(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
-                                  seed=seed, eos_id=eos, batch_size=batch_size, on_batch=bar.update)
+                                  seed=seed, eos_id=eos, batch_size=batch_size, on_batch=bar.update,
+                                  precision=compute)
             texts = [tokenizer.decode(o) for o in outs]
             correct = [task.check(t, p) for t, p in zip(texts, problems)]
             generated += sum(map(len, outs))
@@ -128,7 +135,7 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
             repeated = [ids for ids in prompts for _ in range(k)]
             outs = generate_batches(model, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed + 100_003, eos_id=eos, batch_size=batch_size,
-                                  on_batch=bar.update)
+                                  on_batch=bar.update, precision=compute)
             generated += sum(map(len, outs))
             texts = [tokenizer.decode(o) for o in outs]
             counts, maj = [], []

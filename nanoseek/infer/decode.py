@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import LatentCache, Transformer
+from ..model import LatentCache
+from .compute import ComputeModels
 from .outputs import StepOutputs
 from .request import Request, TokenLogprob
 from .sampling import probabilities, sample, uniform
@@ -24,15 +25,17 @@ from .slots import Slots
 
 
 class Decoder:
-    """Runs `model` for the engine; `speculative` drafts with its MTP module. `stats` is the engine's
-    counter dict ("drafted", "accepted")."""
+    """Runs the engine's models (`compute`: the main one and, for a split precision, its bf16 copy for
+    forwards of many tokens); `speculative` drafts with the MTP module. `stats` is the engine's counter
+    dict ("drafted", "accepted"). The cache is in the main model's dtype; logits reach the sampler in fp32."""
 
-    def __init__(self, model: Transformer, speculative: bool, stats: dict):
-        self.model = model
-        self.config = model.config
+    def __init__(self, compute: ComputeModels, speculative: bool, stats: dict):
+        self.compute = compute
+        self.model = compute.main
+        self.config = self.model.config
         self.speculative = speculative
         self.stats = stats
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = self.model.device, self.model.dtype
 
     def scratch(self, batch: int, length: int) -> LatentCache:
         """A cache of its own for a prefill (its rows then join the shared one)."""
@@ -46,15 +49,16 @@ class Decoder:
         """Prompt tokens ids (B, T) into cache slots start..start+T. When they end the prompts
         (`following` None), returns the first generated token per request (and sets its draft);
         otherwise `following` holds the prompt token after this chunk, which the MTP module needs."""
-        out = self.model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
-                                        last_only=not self.speculative)
-        firsts = self.pick(reqs, out.logits[:, -1]) if following is None else None
+        model = self.compute.for_tokens(ids.numel())
+        out = model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
+                                   last_only=not self.speculative)
+        firsts = self.pick(reqs, out.logits[:, -1].float()) if following is None else None
         if self.speculative:
             tail = torch.tensor(firsts if following is None else following, device=self.device)
             nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
-            mtp_h = self.model.mtp_draft(out, nxt, positions, cache, start)
+            mtp_h = model.mtp_draft(out, nxt, positions, cache, start)
             if following is None:
-                self.set_drafts(reqs, self.model.mtp_head(mtp_h[:, -1]))
+                self.set_drafts(reqs, model.mtp_head(mtp_h[:, -1]).float())
         return firsts
 
     # ---- decode ---------------------------------------------------------------------------------
@@ -65,9 +69,10 @@ class Decoder:
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
         positions = torch.tensor([[r.pos] for r in rows], device=self.device)
         view = slots.view()
-        logits = self.model.forward_cached(ids, view, positions, last_only=True).logits
+        model = self.compute.for_tokens(len(rows))
+        logits = model.forward_cached(ids, view, positions, last_only=True).logits
         slots.length = view.length
-        tokens = self.pick(rows, logits[:, 0])
+        tokens = self.pick(rows, logits[:, 0].float())
         done = []
         for i, (req, token) in enumerate(zip(rows, tokens)):
             req.pos += 1
@@ -84,9 +89,10 @@ class Decoder:
         ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
         positions = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
         view = slots.view()
-        main = self.model.forward_cached(ids, view, positions)
+        model = self.compute.for_tokens(2 * n)
+        main = model.forward_cached(ids, view, positions)
         slots.length = view.length
-        verified = self.verify(rows, main.logits)
+        verified = self.verify(rows, main.logits.float())
         done, accepted = [], []
         for i, (req, (tokens, ok)) in enumerate(zip(rows, verified)):
             req.drafted += 1
@@ -103,13 +109,13 @@ class Decoder:
         # MTP on the new positions: accepted rows (h_t, emb(d)), (h_d, emb(t2)); rejected (h_t, emb(t1))
         nxt = torch.tensor([[r.draft, r.last] if a else [r.last, r.last] for r, a in zip(rows, accepted)],
                            device=self.device)
-        mtp_h = self.model.mtp_draft(main, nxt, positions, view, L, revalidated=True)
+        mtp_h = model.mtp_draft(main, nxt, positions, view, L, revalidated=True)
         pick = ok.long()  # the draft comes from the last accepted position
         last_h = mtp_h[torch.arange(n, device=self.device), pick]
         finished = set(done)
         live = [i for i in range(n) if i not in finished]
         if live:
-            self.set_drafts([rows[i] for i in live], self.model.mtp_head(last_h[live]))
+            self.set_drafts([rows[i] for i in live], model.mtp_head(last_h[live]).float())
         return done
 
     def verify(self, rows: list[Request], logits: torch.Tensor) -> list[tuple[list[int], bool]]:

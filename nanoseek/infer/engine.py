@@ -16,7 +16,9 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..precision import Precision
 from .batching import Admission
+from .compute import ComputeModels, InferencePrecision, compute_models
 from .decode import Decoder
 from .outputs import StepOutputs
 from .request import Request, RequestOutput, new_request_id
@@ -34,17 +36,25 @@ class Engine:
     add(prompt_ids, params) queues a request; each step() admits waiting requests (prefill within a
     token budget), advances every running row by one token (two or one with speculation) and returns
     a RequestOutput per request that produced something.
+
+    precision (auto | fp32 | bf16, a resolved Precision or InferencePrecision, or ComputeModels built by
+    `compute_models`): how the model computes (see `nanoseek.infer.compute`); cast copies are made as
+    needed and `model` itself is never changed. None: in the model's own dtype, as it is.
+    `precision_plan` says what was chosen.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 16, max_model_len: int | None = None,
-                 speculative: bool = False, prefill_chunk: int = 512, eos_ids=None):
+                 speculative: bool = False, prefill_chunk: int = 512, eos_ids=None,
+                 precision: str | Precision | InferencePrecision | ComputeModels | None = None):
         cfg = model.config
         if speculative and (cfg.num_nextn_predict_layers < 1 or not len(model.mtp)):
             raise ConfigError("speculative decoding needs a model with MTP weights (num_nextn_predict_layers >= 1); "
                               "this one has none")
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be positive")
-        self.model = model
+        self.compute = compute_models(model, precision)
+        self.precision_plan = self.compute.plan
+        self.model = self.compute.main
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -54,12 +64,12 @@ class Engine:
         self.eos_ids = tuple(tokenizer.eos_ids if eos_ids is None and tokenizer is not None else eos_ids or ())
         self.n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
         self.max_slots = self.max_model_len + max(16, self.max_model_len // 8)
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = self.model.device, self.model.dtype  # the latent cache's dtype
         self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "drafted": 0, "accepted": 0,
                       "compactions": 0}
         self.admission = Admission(max_batch, prefill_chunk)
         self.slots = Slots(cfg, self.n_layers, max_batch, self.max_slots, self.device, self.dtype, self.stats)
-        self.decoder = Decoder(model, speculative, self.stats)
+        self.decoder = Decoder(self.compute, speculative, self.stats)
 
     # ---- requests -------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
+from .compute import compute_models
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -30,7 +31,7 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens: int):
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              eos_token_id: int | list[int] | None = None,
-             generator: torch.Generator | list[torch.Generator] | None = None) -> list[list[int]]:
+             generator: torch.Generator | list[torch.Generator] | None = None, precision=None) -> list[list[int]]:
     """Generate up to max_new_tokens for each prompt (lists of token ids, any lengths).
 
     Returns the generated ids per prompt, ending at (and including) an eos token if one is produced.
@@ -40,13 +41,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     together from it, so what they sample does not depend on the rest of the batch (GRPO seeds a
     generator per group this way: its rollouts do not depend on how prompts are split over ranks).
     Runs on `Engine`: one left-padded prefill, then one token per step over the latent cache.
+    precision: auto | fp32 | bf16 (or what `Engine` accepts); None computes in the model's own dtype.
+    A precision other than the model's dtype casts a copy of the weights per call (`generate_batches`
+    casts once for all its batches).
     """
     cfg = model.config
     _check_prompts(prompts, cfg.vocab_size, max_new_tokens)
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
     longest = max(len(p) for p in prompts)
     engine = Engine(model, max_batch=len(prompts), max_model_len=longest + max_new_tokens + 1,
-                    prefill_chunk=sum(len(p) for p in prompts), eos_ids=())
+                    prefill_chunk=sum(len(p) for p in prompts), eos_ids=(), precision=precision)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             stop_token_ids=eos)
     if generator is not None and seed is not None:
@@ -66,14 +70,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def generate_batches(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                      top_p: float, seed: int, eos_id: int, batch_size: int,
-                     on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+                     on_batch: Callable[[int], None] | None = None, precision=None) -> list[list[int]]:
     """`generate` over consecutive batches of `batch_size` prompts, batch b seeded with seed + b (so the
-    result does not depend on how many batches came before in another call); `on_batch(n)` after each."""
+    result does not depend on how many batches came before in another call); `on_batch(n)` after each.
+    `precision` as in `generate`; the weights are cast once for all batches."""
+    # the option goes on only when given, so a stand-in for `generate` need not know it
+    options = {} if precision is None else {"precision": compute_models(model, precision)}
     out: list[list[int]] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         out += generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed + b, eos_token_id=eos_id)
+                        seed=seed + b, eos_token_id=eos_id, **options)
         if on_batch is not None:
             on_batch(len(batch))
     return out

@@ -104,6 +104,9 @@ class MLA(nn.Module):
         scores = [q_nope W_uk ; q_pe] . [latent ; k_pe]  (one matmul against the cache rows)
         out    = (probs . latent) W_uv                     (per head, never expanded per token)
         Returns (B, T, H, v_dim). mask None: every cached row is visible (a single new token).
+        The scores and the latent output run in the cache's dtype, the projections in the weights':
+        only the per-token query and output are cast where the two differ (a bf16 model over an fp32
+        cache, or the reverse), never the cache.
         """
         B, T, H, _ = q_nope.shape
         r = self.kv_lora_rank
@@ -111,13 +114,13 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, nope, r), (H, v, r)
         q_latent = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)
         q_latent = q_latent.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r)
-        query = torch.cat([q_latent, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim)
+        query = torch.cat([q_latent, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim).to(rows.dtype)
         scores = torch.matmul(query, rows.transpose(1, 2)).mul_(self.scale)  # (B, T*H, S)
         if mask is not None:
             scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, T * H, -1)
         probs = scores.float().softmax(dim=-1).to(rows.dtype)
         out_latent = torch.matmul(probs, rows[..., :r])  # (B, T*H, r)
-        out_latent = out_latent.view(B * T, H, r).transpose(0, 1)  # (H, B*T, r)
+        out_latent = out_latent.view(B * T, H, r).transpose(0, 1).to(w_uv.dtype)  # (H, B*T, r)
         out = torch.matmul(out_latent, w_uv.transpose(1, 2))  # (H, B*T, v)
         return out.transpose(0, 1).reshape(B, T, H, self.v_dim)
 

@@ -15,19 +15,27 @@ __all__ = ["APIError", "ServerConfig", "create_app", "Decision", "Policy", "Poli
 
 
 def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | None = None,
-                speculative: bool = False, prefill_chunk: int = 512, device=None, dtype=None):
-    """(Engine, ChatTokenizer) for an HF-format model folder with tokenizer files."""
+                speculative: bool = False, prefill_chunk: int = 512, device=None, dtype=None, precision=None):
+    """(Engine, ChatTokenizer) for an HF-format model folder with tokenizer files.
+
+    precision (auto | fp32 | bf16; `nanoseek.infer.compute`) chooses how the model computes and so the
+    dtype its weights load in; dtype instead loads them in that dtype and computes in it; neither: the
+    stored dtype (FP8 becomes bf16). `engine.precision_plan` says what was chosen."""
     from ..checkpoint import load_model
-    from ..errors import DataError
+    from ..errors import ConfigError, DataError
     from ..infer import Engine, load_tokenizer
+    from ..infer.compute import inference_precision
+    if dtype is not None and precision is not None:
+        raise ConfigError("give load_engine a dtype or a precision, not both: the precision chooses the dtype")
+    plan = inference_precision(precision, device or "cpu") if precision is not None else None
     tokenizer = load_tokenizer(path)
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=plan.weights if plan is not None else dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise DataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}")
     context = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_model_len=context, speculative=speculative,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, precision=plan)
     return engine, tokenizer
 
 

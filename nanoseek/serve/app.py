@@ -68,7 +68,7 @@ def create_app(scheduler: Scheduler, tokenizer: ChatTokenizer, config: ServerCon
         ok = scheduler.alive
         body = {"status": "ok" if ok else "unavailable", "model": config.model_name,
                 "running": scheduler.engine.num_running, "in_flight": scheduler.in_flight,
-                "capacity": scheduler.capacity}
+                "capacity": scheduler.capacity, "precision": scheduler.engine.precision_plan.name}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
