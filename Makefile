@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # The main job: a trained tiny MoE reasoner, its report card and the command to chat with it.
 demo: $(STAMP)
-	$(VENV)/bin/nanoseek demo --out runs/demo
+	$(VENV)/bin/nanoseek demo --out runs/demo --seeds 3
 
 # Benchmarks side by side with transformers (tables on stdout, JSON under bench/results/).
 bench: $(STAMP)
