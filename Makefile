@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# seeds of `make demo`, run as parallel processes; the report card's verdicts pair them (1: one seed, faster)
+DEMO_SEEDS ?= 3
 
 .PHONY: install test demo bench clean browser
 
@@ -21,7 +23,7 @@ test: $(STAMP)
 
 # The main job: a trained tiny MoE reasoner, its report card and the command to chat with it.
 demo: $(STAMP)
-	$(VENV)/bin/nanoseek demo --out runs/demo --seeds 3
+	$(VENV)/bin/nanoseek demo --out runs/demo --seeds $(DEMO_SEEDS)
 
 # Benchmarks side by side with transformers (tables on stdout, JSON under bench/results/).
 bench: $(STAMP)

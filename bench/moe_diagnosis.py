@@ -66,11 +66,20 @@ class Probe:
         for i, moe in enumerate(model.moe_layers()):
             moe.gate.register_forward_hook(self._hook(i))
 
+        self.bias_decides: list[list[float]] = [[] for _ in model.moe_layers()]
+        self.spread: list[list[float]] = [[] for _ in model.moe_layers()]
+
     def _hook(self, i):
         def hook(module, args, out):
             with torch.no_grad():
-                p = out[2] / out[2].sum(-1, keepdim=True)
+                scores, idx = out[2], out[1]
+                p = scores / scores.sum(-1, keepdim=True)
                 self.entropy[i].append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
+                # would the token pick other experts without the balancing bias? (group limit included)
+                choice = module._mask_groups(scores) if module.n_group > 1 else scores
+                plain = choice.topk(module.top_k, dim=-1).indices.sort(-1).values
+                self.bias_decides[i].append(float((plain != idx.sort(-1).values).any(-1).float().mean()))
+                self.spread[i].append(float(scores.std(-1).mean()))  # per-token spread of the affinities
         return hook
 
     def read(self) -> list[float]:
@@ -78,6 +87,13 @@ class Probe:
         for e in self.entropy:
             e.clear()
         return vals
+
+    def read_bias(self) -> tuple[list[float], list[float]]:
+        """(share of tokens whose experts the bias changed, mean per-token std of the scores) per layer."""
+        out = ([sum(e) / max(len(e), 1) for e in self.bias_decides], [sum(e) / max(len(e), 1) for e in self.spread])
+        for e in self.bias_decides + self.spread:
+            e.clear()
+        return out
 
 
 def _rms(t: torch.Tensor | None) -> float:
@@ -193,6 +209,7 @@ def train_variant(name: str, work: Path, s: DemoSettings, steps: int, log_every:
             if loads:
                 row.update(instrument(model, snap), expert_load=[l.tolist() for l in loads],
                            load_max_over_mean=load_balance(loads), router_entropy=probe.read(),
+                           bias_changes_choice=probe.read_bias()[0],
                            bias=[m.gate.e_score_correction_bias.tolist() for m in model.moe_layers()])
             logs.append(row)
     wall = time.perf_counter() - t0
@@ -284,6 +301,52 @@ def _hf_optimizer(model, recipe) -> torch.optim.AdamW:
                              betas=(recipe.beta1, recipe.beta2), eps=recipe.eps, fused=True)
 
 
+@torch.no_grad()
+def trained_run(run: Path, work: Path, n_dev: int) -> dict:
+    """The finished models of a demo run folder (sft = MoE, dense): loss on the first training batches
+    against validation loss (the memorisation gap), greedy accuracy on SFT problems it was trained on
+    and on dev problems it was not, and the MoE's routing on validation tokens (load per expert,
+    router entropy). Writes WORK/trained_run.json."""
+    from nanoseek import load_model
+    from nanoseek.tokenizer import Tokenizer
+    results = json.loads((run / "results.json").read_text())
+    s = DemoSettings(**results["settings"])
+    task = get_task(s.task)
+    tok = Tokenizer.load(run / "tokenizer")
+    recipe = base_recipe(s, run / "data" / "tokens", run / "tokenizer")
+    train_probs = task.generate(s.train_problems, seed=s.seed, split="train")[:n_dev]  # the SFT data's problems
+    dev = dev_problems(task, run / "data" / "train.jsonl", n_dev)
+    out = {"run": str(run), "models": {}}
+    for name in ("sft", "dense"):
+        model = load_model(run / name / "model", dtype=torch.float32).eval()
+        row = {"val_loss": evaluate(model, recipe, model.config.vocab_size, _Single()),
+               "train_loss": split_loss(model, recipe, "train"),
+               "params": sum(p.numel() for p in model.parameters())}
+        for label, probs in (("train_problems", train_probs), ("dev", dev)):
+            if probs:
+                r = evaluate_task(model, tok, task, k=0, problems=probs, seed=s.seed, split="train")
+                row[f"{label}_accuracy"] = r["greedy_accuracy"]["value"]
+                row[f"{label}_n"] = len(probs)
+        if model.moe_layers():
+            probe = Probe(model)
+            model.train()  # expert_load is counted in grad-enabled forwards only
+            loads = None
+            val = TokenLoader(recipe.data, "val", batch_size=recipe.batch_size, seq_len=recipe.seq_len, shuffle=False,
+                              whole_documents=True, vocab_size=model.config.vocab_size)
+            with torch.enable_grad():
+                for b in val.epoch_batches(4):
+                    model(b.inputs, positions=b.input_positions, segment_ids=b.input_segments)
+                    cur = expert_loads(model)
+                    loads = cur if loads is None else [x + y for x, y in zip(loads, cur)]
+            row["val_expert_load"] = [l.tolist() for l in loads]
+            row["router_entropy"] = probe.read()
+            row["bias_changes_choice"], row["score_spread"] = probe.read_bias()
+            row["bias"] = [m.gate.e_score_correction_bias.tolist() for m in model.moe_layers()]
+        out["models"][name] = row
+    (work / "trained_run.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def report(work: Path) -> None:
     """Tables from WORK/*.json (stdout, markdown)."""
     print("| variant | val loss | train loss | dev accuracy | wall |\n|---|---:|---:|---:|---:|")
@@ -313,6 +376,23 @@ def report(work: Path) -> None:
                       f"{sum(x == 0 for x in load)} | {sum(x > 2 * m for x in load)} | {row['router_entropy'][i]:.3f} | "
                       f"{g:.2e} / {L['shared_grad_rms']:.2e} | {u:.2e} / {L['shared_rel_update']:.2e} | "
                       f"{row['dense_mlp_rel_update']:.2e} |")
+    f = work / "trained_run.json"
+    if f.exists():
+        r = json.loads(f.read_text())
+        print(f"\nfinished models of {r['run']}:")
+        print("| model | params | train loss | val loss | accuracy, trained problems | accuracy, dev problems |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, m in r["models"].items():
+            print(f"| {name} | {m['params']:,} | {m['train_loss']:.4f} | {m['val_loss']:.4f} | "
+                  f"{100 * m.get('train_problems_accuracy', float('nan')):.1f}% (n={m.get('train_problems_n')}) | "
+                  f"{100 * m.get('dev_accuracy', float('nan')):.1f}% (n={m.get('dev_n')}) |")
+            for i, load in enumerate(m.get("val_expert_load", [])):
+                mean = sum(load) / len(load)
+                print(f"  MoE layer {i}: validation tokens per expert / mean = "
+                      f"{' '.join(f'{x / mean:.2f}' for x in load)}; router entropy {m['router_entropy'][i]:.3f} "
+                      f"(uniform {math.log(len(load)):.3f}); bias {' '.join(f'{b:+.2f}' for b in m['bias'][i])}; "
+                      f"score spread (std over experts) {m['score_spread'][i]:.4f}; tokens whose experts the bias "
+                      f"changed {100 * m['bias_changes_choice'][i]:.0f}%")
     f = work / "parity.json"
     if f.exists():
         r = json.loads(f.read_text())
@@ -330,6 +410,7 @@ def main() -> None:
     p.add_argument("--dev", type=int, default=200, help="dev problems for accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", action="store_true", help="only print the tables of WORK/*.json")
+    p.add_argument("--from-run", type=Path, help="also measure the finished models of this demo run folder")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     s = DemoSettings(seed=a.seed)
@@ -341,6 +422,8 @@ def main() -> None:
                 train_variant(name, a.work, s, a.steps, a.log_every, a.dev)
         if a.parity_steps and not (a.work / "parity.json").exists():
             parity(a.work, s, a.parity_steps)
+        if a.from_run:
+            trained_run(a.from_run, a.work, a.dev)
     report(a.work)
 
 

@@ -280,9 +280,9 @@ def verdict_lines(results: dict) -> list[str]:
               "", "Caveats:",
               "- The MoE-versus-dense claim of the DeepSeekMoE papers is about language-model loss on text "
               f"seen about once, at equal activated parameters and tokens. This run's SFT makes ~{passes:.0f} "
-              f"passes over {st.get('train_problems', '?')} short solver traces: a memorisation regime where "
-              f"the validation loss is {val:.3f} nats/token and held-out accuracy hinges on rare carry errors. "
-              "docs/moe_vs_dense.md measures both regimes "
+              f"passes over {st.get('train_problems', '?')} short, perfectly regular solver traces, where the "
+              f"validation loss is {val:.3f} nats/token and held-out accuracy hinges on rare carry errors. "
+              "docs/moe_vs_dense.md measures why the MoE trails here and compares the two on text "
               "(bench/moe_diagnosis.py, bench/moe_vs_dense.py).",
               "- The GRPO control spends the same training compute on more SFT of perfect solver traces, "
               "which at this scale is a strong teacher; GRPO's claim (DeepSeek-R1-Zero) is learning without "
