@@ -256,7 +256,8 @@ def verdict_lines(results: dict) -> list[str]:
         return []
     seeds = vs[0]["seeds"]
     lines = ["## What this run shows", "",
-             f"Task {results.get('task', '?')}, seeds {', '.join(map(str, seeds))}; differences are paired by "
+             f"Task {results.get('task', '?')}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+             "differences are paired by "
              "seed (accuracy in points, validation loss in nats/token); a claim *holds* when its 95% interval "
              "excludes zero on the claimed side, is *reversed* when it excludes zero on the other side and is "
              "*not resolved* otherwise.", "",
