@@ -15,6 +15,7 @@ Deterministic for a given seed on CPU.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ import torch
 from .checkpoint import load_model
 from .cost import CostMeter
 from .data import prepare, read_manifest
-from .eval.report import render
+from .eval.report import paired_interval, render
 from .eval.tasks import evaluate_task
 from .params import count_parameters
 from .tasks import get_task, write_chat_jsonl
@@ -74,29 +75,13 @@ def dense_overrides(vocab_size: int) -> dict:
     return dict(o, n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=o["num_hidden_layers"])
 
 
-def _done(path: Path) -> bool:
-    return path.exists()
-
-
-def _stage(name: str, progress: bool):
-    if progress:
-        print(f"\n== {name}", flush=True)
-
-
-def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every stage; returns the results dict also written to RUN/results.json."""
-    s = settings or DemoSettings()
-    run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    task = get_task(s.task)
-    torch.manual_seed(s.seed)
-
+def prepare_data(run: Path, s: DemoSettings, task, progress: bool = False) -> tuple:
+    """Stages 1-2: solver traces as chat JSONL, the byte-level tokenizer and the token shards (each
+    skipped when present). Returns (tokenizer, tokenizer folder, data folder, vocab size)."""
     _stage(f"1/8 data: {s.train_problems} {task.name} problems with solver traces", progress)
     traces = run / "data" / "train.jsonl"
     if not _done(traces):
         write_chat_jsonl(task, traces, s.train_problems, seed=s.seed, split="train")
-
     _stage("2/8 tokenizer and token shards", progress)
     tok_dir = run / "tokenizer"
     if not _done(tok_dir / "tokenizer.json"):
@@ -106,14 +91,57 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     data_dir = run / "data" / "tokens"
     if not _done(data_dir / "manifest.json"):
         prepare(tok, [traces], data_dir, val_fraction=0.05, progress=progress)
-    vocab = read_manifest(data_dir)["vocab_size"]
+    return tok, tok_dir, data_dir, read_manifest(data_dir)["vocab_size"]
 
-    base = TrainRecipe(data=str(data_dir), tokenizer=str(tok_dir), mode="sft", preset="tiny", seed=s.seed,
+
+def base_recipe(s: DemoSettings, data_dir: Path, tok_dir: Path, progress: bool = False) -> TrainRecipe:
+    """The SFT recipe every training stage starts from (the MoE's routing settings included)."""
+    return TrainRecipe(data=str(data_dir), tokenizer=str(tok_dir), mode="sft", preset="tiny", seed=s.seed,
                        batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr, warmup_steps=max(s.sft_steps // 30, 1),
                        schedule="constant",
                        eval_every=max(s.sft_steps // 4, 1), eval_batches=4, save_every=max(s.sft_steps // 4, 1),
                        keep_last=1, usd_per_hour=s.usd_per_hour, progress=progress, bias_update_speed=0.01,
                        aux_loss_alpha=0.0001, mtp_loss_weight=0.3)
+
+
+def _done(path: Path) -> bool:
+    return path.exists()
+
+
+def _stage(name: str, progress: bool):
+    if progress:
+        print(f"\n== {name}", flush=True)
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True, seeds: int = 1) -> dict:
+    """Run (or resume) every stage; returns the results dict also written to RUN/results.json.
+
+    seeds > 1: seeds seed+1 .. seed+seeds-1 run the same stages at the same time, each in its own process
+    (one thread each, and so does this one: bitwise the same models for the same command and seed), into
+    RUN/seeds/seed-N; the report card's verdicts then pair MoE with dense and GRPO with its control per
+    seed and give the mean difference with a 95% t interval."""
+    s = settings or DemoSettings()
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    threads, workers = torch.get_num_threads(), []
+    try:
+        workers = _start_seeds(run, s, seeds)
+        return _run_all(run, s, progress, workers, t_start)
+    finally:
+        torch.set_num_threads(threads)
+        for _, _, proc in workers:  # only after a failure here: the seeds were joined otherwise
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def _run_all(run: Path, s: DemoSettings, progress: bool, workers: list, t_start: float) -> dict:
+    task = get_task(s.task)
+    torch.manual_seed(s.seed)
+
+    tok, tok_dir, data_dir, vocab = prepare_data(run, s, task, progress)
+    base = base_recipe(s, data_dir, tok_dir, progress)
 
     _stage(f"3/8 SFT of a tiny MoE on the traces ({s.sft_steps} steps)", progress)
     sft = _train_stage(replace(base, out=str(run / "sft"), max_steps=s.sft_steps,
@@ -144,6 +172,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
         shutil.rmtree(final)
     shutil.copytree(grpo, final)
     results = _results(run, s, sft, grpo, control, dense, accuracy, t_start)
+    results["per_seed"] = [_seed_row(results)] + _join_seeds(run, workers)
+    results["verdicts"] = verdicts(results["per_seed"])
+    results["wall_seconds"] = time.perf_counter() - t_start
     (run / "results.json").write_text(json.dumps(results, indent=2))
     results["report"] = str(render(run))
     return results
@@ -233,3 +264,92 @@ def _results(run, s, sft, grpo, control, dense, accuracy, t_start) -> dict:
         "samples": accuracy["SFT + GRPO"].get("examples", [])[:3],
         "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+# ---- several seeds and the verdicts -----------------------------------------------------------------
+SEEDS_DIR = "seeds"
+
+
+def _seed_worker(out: str, settings: dict) -> None:
+    torch.set_num_threads(1)
+    run_demo(out, DemoSettings(**settings), progress=False)
+
+
+def _start_seeds(run: Path, s: DemoSettings, seeds: int) -> list:
+    """Start the extra seeds' demos (spawned processes, one thread each); [] for one seed."""
+    if seeds < 1:
+        raise ValueError(f"demo: seeds must be >= 1, got {seeds}")
+    if seeds == 1:
+        return []
+    torch.set_num_threads(1)
+    ctx = mp.get_context("spawn")
+    workers = []
+    for seed in range(s.seed + 1, s.seed + seeds):
+        folder = run / SEEDS_DIR / f"seed-{seed}"
+        proc = ctx.Process(target=_seed_worker, args=(str(folder), {**s.__dict__, "seed": seed}), daemon=False)
+        proc.start()
+        workers.append((seed, folder, proc))
+    return workers
+
+
+def _join_seeds(run: Path, workers: list) -> list[dict]:
+    rows = []
+    for seed, folder, proc in workers:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"demo seed {seed} ({folder}) failed with exit code {proc.exitcode}; rerun the "
+                               "demo to resume it")
+        rows.append(_seed_row(json.loads((folder / "results.json").read_text()), folder.relative_to(run)))
+    return rows
+
+
+def _seed_row(results: dict, folder: Path | str = ".") -> dict:
+    """What the verdicts need from one seed's results: accuracies and validation losses, and where
+    they came from (the seed's run folder, relative to the main one)."""
+    acc = {k: v["accuracy"] for k, v in results["accuracy"].items()}
+    mvd = results["moe_vs_dense"]
+    return {"seed": results["seed"], "folder": str(folder), "accuracy": acc, "n": results["accuracy"]["SFT + GRPO"]["n"],
+            "moe_val_loss": mvd["moe"]["val_loss"], "dense_val_loss": mvd["dense"]["val_loss"]}
+
+
+# (claim, the two quantities compared as a - b, lower is better?, what the papers claim)
+CLAIMS = (
+    ("moe_vs_dense_loss", "MoE beats its dense twin (validation loss, lower is better)",
+     "moe_val_loss", "dense_val_loss", True),
+    ("moe_vs_dense_accuracy", "MoE beats its dense twin (held-out accuracy)",
+     "SFT (before RL)", "dense SFT", False),
+    ("grpo_vs_sft", "GRPO improves on its SFT starting point (held-out accuracy)",
+     "SFT + GRPO", "SFT (before RL)", False),
+    ("grpo_vs_control", "GRPO beats more SFT at equal training compute (held-out accuracy)",
+     "SFT + GRPO", "SFT + more SFT (control)", False),
+)
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each claim's paired difference a - b over the seeds: mean, 95% t interval (two seeds or more; one
+    seed: the two-proportion interval over the held-out problems for accuracies, none for losses), and
+    a verdict: "holds" (the interval excludes 0 on the claimed side), "reversed" (on the other side) or
+    "not resolved"."""
+    out = []
+    for key, claim, a_key, b_key, lower_better in CLAIMS:
+        a = [r[a_key] if a_key in r else r["accuracy"][a_key] for r in rows]
+        b = [r[b_key] if b_key in r else r["accuracy"][b_key] for r in rows]
+        ci = paired_interval(a, b)
+        basis = f"{len(rows)} seeds, paired, 95% t interval"
+        if ci["low"] is None and key != "moe_vs_dense_loss":
+            n = rows[0]["n"]
+            half = 1.96 * ((a[0] * (1 - a[0]) + b[0] * (1 - b[0])) / n) ** 0.5
+            ci.update(low=ci["mean"] - half, high=ci["mean"] + half)
+            basis = f"one seed: 95% interval over {n} held-out problems (seed-to-seed variation not included)"
+        elif ci["low"] is None:
+            basis = "one seed: no interval"
+        good = (lambda x: x < 0) if lower_better else (lambda x: x > 0)
+        if ci["low"] is None or ci["low"] <= 0 <= ci["high"]:
+            verdict = "not resolved"
+        else:
+            verdict = "holds" if good(ci["mean"]) else "reversed"
+        out.append({"key": key, "claim": claim, "a": a_key, "b": b_key, "values_a": a, "values_b": b,
+                    "seeds": [r["seed"] for r in rows], "folders": [r["folder"] for r in rows],
+                    "mean": ci["mean"], "low": ci["low"], "high": ci["high"], "diffs": ci["diffs"],
+                    "wins": sum(good(d) for d in ci["diffs"]), "basis": basis, "verdict": verdict})
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..cli import EXIT_OK, command
 from ..demo import DemoSettings, run_demo
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..eval.report import render
 
 
@@ -16,6 +16,9 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a one-minute version (what the tests run)")
     p.add_argument("--task", default=None, help="reasoning task (default addition3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="also run seeds seed+1 .. seed+N-1 in parallel processes (RUN/seeds/); the report "
+                        "card's verdicts pair the models per seed (default 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -26,12 +29,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.task:
         kw["task"] = args.task
     settings = DemoSettings.quick(**kw) if args.quick else DemoSettings(**kw)
-    results = run_demo(args.out, settings, progress=not args.no_progress)
+    if args.seeds < 1:
+        raise ConfigError(f"invalid --seeds: must be >= 1 (got {args.seeds})")
+    results = run_demo(args.out, settings, progress=not args.no_progress, seeds=args.seeds)
     acc = results["accuracy"]
     print(f"\nnanoseek demo finished in {results['wall_seconds'] / 60:.1f} min ({settings.task}).")
     for label, r in acc.items():
         print(f"  {label:<28} {100 * r['accuracy']:5.1f}%  [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
               f"  on {r['n']} held-out problems")
+    for v in results.get("verdicts", []):
+        print(f"  {v['verdict']:<13} {v['claim']}")
     print(f"\nreport card:  {results['report']}")
     print(f"model:        {args.out / 'model'}")
     print(f"chat with it: nanoseek chat {args.out / 'model'}")
