@@ -64,8 +64,9 @@ def test_four_formats_give_the_same_problems(tmp_path):
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "e.parquet")
     (tmp_path / "f.csv").write_text((tmp_path / "d.csv").read_text(encoding="utf-8"), encoding="utf-8-sig")  # BOM
+    (tmp_path / "g.jsonl").write_text((tmp_path / "a.jsonl").read_text(encoding="utf-8"), encoding="utf-8-sig")
     seen = []
-    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.parquet", "f.csv"):
+    for name in ("a.jsonl", "b.json", "c.json", "d.csv", "e.parquet", "f.csv", "g.jsonl"):
         task = load_dataset(tmp_path / name)
         assert [p.answer for p in task.problems["train"]] == ["72", "1234"] and task.problems["test"][0].answer == "42"
         assert task.problems["train"][0].data == rows[0]  # the row's columns, as they are in the file
@@ -160,8 +161,8 @@ BAD = {
                   '{"question": "a", "answer": "2"}\n',
                   r"bad.jsonl:3: duplicate question \(also at .*bad.jsonl:1\)"),
     "non-UTF-8": (b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n',
-                  r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9\)"),
-    "invalid JSON": ('{"question": "a", "answer": "1"}\n{"question": \n', r"bad.jsonl:2: not valid JSON"),
+                  r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9 at offset \d+\)"),
+    "invalid JSON": ('{"question": "a", "answer": "1"}\n{"question": \n', r"bad.jsonl:2: invalid JSON"),
     "bad split": ('{"question": "a", "answer": "1", "split": "dev"}\n', r"bad.jsonl:1: field 'split' is 'dev'"),
     "no answer field": ('{"question": "a", "label": "1"}\n', r"no answer field \(looked for answer, solution"),
 }

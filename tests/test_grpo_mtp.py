@@ -11,9 +11,10 @@ import torch
 import nanoseek
 from nanoseek import ConfigError
 from nanoseek.tasks import Rewards
-from nanoseek.train.grpo import GRPORecipe, GRPOTrainer, load_grpo_recipe
+from nanoseek.train.grpo import GRPOTrainer, load_grpo_recipe
 
 from conftest import TINY_TASK_MODEL, save_task_model  # noqa: E402
+from test_grpo import _recipe, checksum_reward  # noqa: E402  (the same tiny GRPO recipe and reward)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,19 +25,6 @@ def mtp_policy(tmp_path_factory):
     """A random tiny MoE with one MTP module and a byte-level tokenizer beside it."""
     return save_task_model(tmp_path_factory.mktemp("tiny-mtp") / "model",
                            **{**TINY_TASK_MODEL, "num_nextn_predict_layers": 1})
-
-
-def _recipe(policy, out, **kw):
-    values = dict(init_from=str(policy), out=str(out), task="addition3", prompts_per_step=2, group_size=4,
-                  max_new_tokens=6, max_steps=2, save_every=1, lr=1e-3, mask_truncated=False, progress=False,
-                  micro_batch=3, seed=1)
-    values.update(kw)
-    return GRPORecipe(**values)
-
-
-def checksum_reward(prompts, completions, **_):
-    """Variance for a random policy, whatever it samples: a checksum of its text, 0 to 6."""
-    return [float(sum(map(ord, c)) % 7) for c in completions]
 
 
 class TrunkGradientTrainer(GRPOTrainer):

@@ -110,13 +110,15 @@ def text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES,
 
 # ---- JSONL -------------------------------------------------------------------------------------
 def jsonl_records(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of `path`; DataError at file:line for non-UTF-8
-    bytes, bad JSON or a line that is not an object."""
+    """(line number, object) for every non-blank line of `path` (a leading byte-order mark dropped);
+    DataError at file:line for non-UTF-8 bytes, bad JSON or a line that is not an object."""
     check_input(path)
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             text = decode_utf8(raw, path, offset, lineno)
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
             offset += len(raw)
             if on_bytes:
                 on_bytes(len(raw))

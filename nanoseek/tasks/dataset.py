@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..data.sources import jsonl_records
 from ..errors import ConfigError, DataError
 from ..tokenizer import END_THINK, EOS
 from .base import (ANSWER_CLOSE, ANSWER_OPEN, MAX_ANSWER_CHARS, SPLITS, Problem, Task, _FORBIDDEN, _check_split,
@@ -72,8 +73,12 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     suffix = path.suffix.lower()
-    rows = _read_parquet(path) if suffix == ".parquet" else \
-        {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path, path.read_bytes())
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    elif suffix == ".jsonl":
+        rows = [(f"{path}:{line}", row) for line, row in jsonl_records(path)]
+    else:
+        rows = {".json": _read_json, ".csv": _read_csv}[suffix](path, path.read_bytes())
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -87,22 +92,6 @@ def _decode(path: Path, data: bytes) -> str:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
-
-
-def _read_jsonl(path: Path, data: bytes) -> list[tuple[str, dict]]:
-    text = _decode(path, data)
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: a row must be a JSON object, got {type(row).__name__}")
-        rows.append((f"{path}:{i}", row))
-    return rows
 
 
 def _read_json(path: Path, data: bytes) -> list[tuple[str, dict]]:
