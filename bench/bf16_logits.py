@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from nanoseek import ModelConfig, Transformer, generate, load_model  # noqa: E402
 from nanoseek.infer.compute import cast_copy  # noqa: E402
 from test_parity import CONFIGS, build_hf  # noqa: E402  (the parity configs, built as the tests build them)
+sys.path.insert(0, str(ROOT / "bench"))
+from gguf_parity import agreement  # noqa: E402  (leading tokens that agree)
 
 warnings.simplefilter("ignore")
 import transformers  # noqa: E402
@@ -72,7 +74,7 @@ def logit_error(model: Transformer, batch: int, seq: int, prompts: int) -> dict:
     ids = torch.randint(0, vocab, (prompts, 16), generator=g).tolist()
     ref_tokens = generate(model, ids, max_new_tokens=NEW_TOKENS)
     bf16_tokens = generate(model, ids, max_new_tokens=NEW_TOKENS, precision="bf16")
-    prefixes = [common_prefix(a, b) for a, b in zip(ref_tokens, bf16_tokens)]
+    prefixes = [agreement(a, b) for a, b in zip(ref_tokens, bf16_tokens)]
     return {"positions": batch * seq, "max_abs": err.max().item(), "mean_abs": err.mean().item(),
             "mean_abs_fp32_logit": ref.abs().mean().item(),
             "relative": (err.mean() / ref.abs().mean()).item(),
@@ -81,15 +83,6 @@ def logit_error(model: Transformer, batch: int, seq: int, prompts: int) -> dict:
             "median_margin_where_top1_differs": margin[flipped].median().item() if flipped.any() else None,
             "greedy_equal": sum(p == NEW_TOKENS for p in prefixes), "greedy_prompts": prompts,
             "greedy_mean_prefix": sum(prefixes) / len(prefixes)}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def markdown(rows: dict) -> str:
