@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .loss import compute_dtype
 
 
 class MLP(nn.Module):
@@ -33,8 +34,9 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Scores every routed expert and picks num_experts_per_tok of them per token.
 
-    `weight` and `e_score_correction_bias` stay fp32 whatever the model dtype: selection is a
-    discrete choice that small rounding differences would flip.
+    `weight` and `e_score_correction_bias` stay fp32 whatever the model dtype, and the scores are
+    computed in fp32 also under bf16 autocast (as DeepSeek-V3 does): selection is a discrete choice
+    that small rounding differences would flip.
     """
 
     def __init__(self, config: ModelConfig):
@@ -64,8 +66,9 @@ class Gate(nn.Module):
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, D) -> affinity scores (N, E) in fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x: (N, D) -> affinity scores (N, E) in fp32 (autocast off: it would run the linear in bf16)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,17 +115,18 @@ def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
 _GROUPED_MM: dict[tuple, bool] = {}
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs (forward and backward) for x's device and dtype: probed once on
-    tiny tensors (CPU fp32 in torch 2.13 does; CUDA wants bf16 on recent GPUs)."""
-    key = (x.device.type, x.dtype)
+def use_grouped_mm(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether torch._grouped_mm runs (forward and backward) for x's device and `dtype` (default x's):
+    probed once on tiny tensors (CPU fp32 and bf16 in torch 2.13 do; CUDA wants bf16 on recent GPUs)."""
+    key = (x.device.type, dtype or x.dtype)
     if key not in _GROUPED_MM:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
             try:  # outside inference mode (the engine decodes in it): the probe needs autograd
-                with torch.inference_mode(False), torch.enable_grad():
-                    a = torch.randn(4, 16, device=x.device, dtype=x.dtype, requires_grad=True)
-                    b = torch.randn(2, 16, 16, device=x.device, dtype=x.dtype, requires_grad=True)
+                with torch.inference_mode(False), torch.enable_grad(), \
+                        torch.autocast(x.device.type, enabled=False):
+                    a = torch.randn(4, 16, device=x.device, dtype=key[1], requires_grad=True)
+                    b = torch.randn(2, 16, 16, device=x.device, dtype=key[1], requires_grad=True)
                     offs = torch.tensor([1, 4], device=x.device, dtype=torch.int32)
                     y = torch._grouped_mm(a, b, offs=offs)
                     y.backward(torch.ones_like(y))
@@ -187,10 +191,14 @@ class RoutedExperts(nn.Module):
         rows (two grouped matmuls, no per-expert ops, no host sync; every expert gets a gradient, zeros
         when it had no rows); else a loop over the experts (those without rows skipped unless run_empty)."""
         # (training and prefill up to 20% faster than the loop; decoding bench-192m at batch 8, 12%)
-        if use_grouped_mm(x):
+        dtype = compute_dtype(x)
+        if use_grouped_mm(x, dtype):
+            # autocast does not cover _grouped_mm: under bf16 autocast cast inputs and weights here (the
+            # casts are differentiable, the fp32 master weights get fp32 gradients)
+            gate_up, down = self.gate_up.to(dtype).transpose(1, 2), self.down.to(dtype).transpose(1, 2)
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs))
+            gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offs).chunk(2, dim=-1)
+            return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, down, offs=offs))
         if torch.is_grad_enabled():
             # one UnbindBackward stacks all expert grads at once; indexing gate_up[e] would make every
             # expert's backward write a zero-filled copy of the whole stacked tensor
