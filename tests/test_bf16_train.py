@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_train
 import torch
 import torch.nn.functional as F
 from conftest import random_experts
-from test_train import SMALL_MODEL, corpus, losses, recipe  # noqa: F401  (corpus: a fixture)
+from test_train import losses, recipe
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import CostMeter, device_peak, estimation
@@ -22,6 +23,7 @@ from nanoseek.train import TrainingError, train
 from nanoseek.train.common import loss_masks, masked_cross_entropy, training_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+corpus = test_train.corpus  # the fixture: a tokenizer and a prepared data folder
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
@@ -110,7 +112,7 @@ def test_router_stays_fp32_under_bf16_autocast():
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_experts_run_bf16_under_autocast_with_fp32_master_gradients(grouped, monkeypatch):
-    if grouped and not moe_module.use_grouped_mm(torch.zeros(1), torch.bfloat16):
+    if grouped and not moe_module.grouped_mm_works(torch.zeros(1), torch.bfloat16):
         pytest.skip("torch._grouped_mm has no bf16 kernel on this backend")
     monkeypatch.setattr(moe_module, "use_grouped_mm", lambda t, dtype=None: grouped)
     experts = random_experts(6, 32, 16, seed=0, std=0.2)
@@ -127,14 +129,16 @@ def test_experts_run_bf16_under_autocast_with_fp32_master_gradients(grouped, mon
 
 
 def test_grouped_and_loop_experts_agree_in_bf16(monkeypatch):
-    if not moe_module.use_grouped_mm(torch.zeros(1), torch.bfloat16):
+    """The grouped kernel (what CUDA runs in bf16) against the loop (what a CPU runs in bf16)."""
+    if not moe_module.grouped_mm_works(torch.zeros(1), torch.bfloat16):
         pytest.skip("torch._grouped_mm has no bf16 kernel on this backend")
+    assert not moe_module.use_grouped_mm(torch.zeros(1), torch.bfloat16)  # CPU bf16: the loop is faster
     experts = random_experts(6, 32, 16, seed=1, std=0.2)
     x, counts = torch.randn(30, 32), torch.tensor([5, 0, 10, 3, 7, 5])
     with torch.autocast(**BF16):
-        grouped = experts.grouped_experts(x, counts)
-        monkeypatch.setattr(moe_module, "use_grouped_mm", lambda t, dtype=None: False)
         loop = experts.grouped_experts(x, counts)
+        monkeypatch.setattr(moe_module, "use_grouped_mm", lambda t, dtype=None: True)
+        grouped = experts.grouped_experts(x, counts)
     torch.testing.assert_close(grouped.float(), loop.float(), rtol=0.02, atol=0.02)
 
 
@@ -269,3 +273,20 @@ def test_precision_autocast_is_what_the_trainer_uses():
     with Precision("bf16", "test").autocast("cpu"):
         assert model(ids).dtype == torch.bfloat16
     assert model(ids).dtype == torch.float32
+
+
+def test_padded_bf16_expert_loop_equals_the_plain_loop():
+    """CPU bf16 experts pad each expert's rows to ROW_BUCKET (oneDNN's kernel cache): same rows out,
+    same gradients, empty experts included."""
+    experts = random_experts(5, 32, 16, seed=2, std=0.2)
+    counts = torch.tensor([3, 0, 33, 1, 40])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    with torch.autocast(**BF16):
+        padded = experts.grouped_experts(x, counts)  # CPU + bf16: the padded loop
+        plain = experts._loop(x.to(torch.bfloat16), counts, dtype=torch.bfloat16)
+    assert padded.shape == plain.shape == x.shape
+    torch.testing.assert_close(padded, plain, rtol=0.01, atol=0.01)
+    g_pad = torch.autograd.grad(padded.float().square().sum(), [x, experts.gate_up, experts.down])
+    g_plain = torch.autograd.grad(plain.float().square().sum(), [x, experts.gate_up, experts.down])
+    for a, b in zip(g_pad, g_plain):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)

@@ -104,6 +104,8 @@ ALL_EXPERTS_MAX_WASTED_FLOPS = 40e6
 # Up to this many (token, expert) pairs an inference batch runs pair by pair (`_few_pairs`): measured
 # faster than the sorted dispatch for bench-192m at batch 1 and 2 (6 and 12 pairs), slower at 4.
 FEW_PAIRS = 12
+# bf16 expert matmuls on a CPU run on rows padded to a multiple of this (see RoutedExperts._padded_loop)
+ROW_BUCKET = 32
 
 
 def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -116,6 +118,17 @@ _GROUPED_MM: dict[tuple, bool] = {}
 
 
 def use_grouped_mm(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the experts take torch._grouped_mm for x's device and `dtype` (default x's): where it
+    runs (`grouped_mm_works`), except bf16 on a CPU: there the per-expert loop's bf16 matmuls (oneDNN,
+    AMX) measured faster than _grouped_mm's CPU bf16 kernel, whose weight gradient over uneven groups
+    is the slow part (bench-8m training step, interleaved: 1.5x the loop's time)."""
+    dtype = dtype or x.dtype
+    if x.device.type == "cpu" and dtype == torch.bfloat16:
+        return False
+    return grouped_mm_works(x, dtype)
+
+
+def grouped_mm_works(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether torch._grouped_mm runs (forward and backward) for x's device and `dtype` (default x's):
     probed once on tiny tensors (CPU fp32 and bf16 in torch 2.13 do; CUDA wants bf16 on recent GPUs)."""
     key = (x.device.type, dtype or x.dtype)
@@ -199,18 +212,39 @@ class RoutedExperts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offs).chunk(2, dim=-1)
             return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, down, offs=offs))
+        if x.device.type == "cpu" and dtype == torch.bfloat16 and x.shape[0]:
+            return self._padded_loop(x.to(dtype), counts, dtype, run_empty)
+        return self._loop(x, counts, run_empty)
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False, dtype=None) -> torch.Tensor:
+        """The per-expert loop of `grouped_experts` (weights cast once to `dtype` when given)."""
+        gate_up, down = self.gate_up, self.down
+        if dtype is not None:
+            gate_up, down = gate_up.to(dtype), down.to(dtype)
         if torch.is_grad_enabled():
             # one UnbindBackward stacks all expert grads at once; indexing gate_up[e] would make every
             # expert's backward write a zero-filled copy of the whole stacked tensor
-            gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        else:
-            gate_up, down = self.gate_up, self.down
+            gate_up, down = gate_up.unbind(0), down.unbind(0)
         outs = []
         for block, e in zip(x.split(counts.tolist()), range(self.n_experts)):
             if block.shape[0] or run_empty:
                 gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down[e]))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])  # no in-place writes: small nodes
+
+    def _padded_loop(self, x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype, run_empty: bool) -> torch.Tensor:
+        """The loop in bf16 on a CPU, each expert's rows padded with zero rows to a multiple of
+        ROW_BUCKET. oneDNN compiles a bf16 matmul kernel per new shape (~20-40 ms each, measured), and
+        the unpadded row counts change every step, so without padding nearly every expert matmul, and
+        its two gradient matmuls, paid a compilation; padded, the few shapes hit its cache. Zero rows
+        give zero outputs and add nothing to the weight gradients."""
+        padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
+        rows = torch.arange(x.shape[0], device=x.device)
+        first = (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=x.shape[0])
+        slot = (padded.cumsum(0) - padded).repeat_interleave(counts, output_size=x.shape[0]) + rows - first
+        total = int(padded.sum())
+        xp = x.new_zeros(total, x.shape[1]).index_copy(0, slot, x)  # (sum padded, D)
+        return self._loop(xp, padded, run_empty, dtype).index_select(0, slot)
 
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one or two tokens: each (token, expert) pair runs on its own, the down projection
