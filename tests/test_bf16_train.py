@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_grpo
 import test_train
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from nanoseek.train.common import loss_masks, masked_cross_entropy, training_los
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 corpus = test_train.corpus  # the fixture: a tokenizer and a prepared data folder
+policy = test_grpo.policy  # the fixture: a tiny random policy for the arithmetic task
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
@@ -290,3 +292,17 @@ def test_padded_bf16_expert_loop_equals_the_plain_loop():
     g_plain = torch.autograd.grad(plain.float().square().sum(), [x, experts.gate_up, experts.down])
     for a, b in zip(g_pad, g_plain):
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+
+
+def test_grpo_in_bf16_records_it_and_keeps_it_on_resume(policy, tmp_path):
+    """GRPO's policy and reference forwards under bf16 autocast: finite losses and KL, the precision
+    recorded, kept by an `auto` resume and refused as fp32."""
+    out = tmp_path / "grpo"
+    summary = test_grpo.run(test_grpo._recipe(policy, out, beta=0.05, mu=2, max_steps=1, precision="bf16"))
+    assert summary["precision"] == "bf16"
+    row = test_grpo.rows(out)[-1]
+    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "kl", "grad_norm"))
+    with pytest.raises(test_grpo.GRPOError, match="'precision' was 'bf16'"):
+        test_grpo.run(test_grpo._recipe(policy, out, beta=0.05, mu=2, max_steps=2, precision="fp32", resume=True))
+    resumed = test_grpo.run(test_grpo._recipe(policy, out, beta=0.05, mu=2, max_steps=2, resume=True))
+    assert resumed["precision"] == "bf16"
