@@ -9,6 +9,12 @@ MFU against a measured fp32 matmul peak. Prints a table, which of the performanc
 and writes bench/results/perf.json.
 
     .venv/bin/python bench/perf.py [--configs bench-8m bench-192m] [--quick] [--only-bf16-inference]
+    .venv/bin/python bench/perf.py --train-precision [--configs ...]   # only the bf16-vs-fp32 training rows
+
+--train-precision: one training step (fwd + bwd + AdamW, batch 8 x 256) of nanoseek in fp32 and in bf16
+(the trainer's path: autocast, fp32 router and master weights, the fused chunked CE) beside transformers'
+DeepseekV3 in fp32 and under the same autocast, interleaved step by step on one model each (the weights
+drift, the timing does not care); writes bench/results/perf_train_precision.json.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from nanoseek.infer.compute import compute_models  # noqa: E402
 from nanoseek.infer.quant import quantize_int8  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
+from nanoseek.precision import Precision  # noqa: E402
 
 warnings.simplefilter("ignore")
 
@@ -277,6 +284,65 @@ def bench_bf16_only(name: str, quick: bool) -> dict:
     return res
 
 
+# ---- training in bf16 against fp32 ---------------------------------------------------------------
+TRAIN_PRECISION_GOAL = {"bench-8m": 1.5, "bench-192m": 2.0}  # bf16 / fp32 step speed of the issue
+
+
+def precision_train_step(model, batch, precision: str, ours: bool, opt):
+    """One step of `model` (nanoseek: the trainer's loss path, Transformer(labels=...); transformers:
+    logits, then CE in fp32) in `precision` ("fp32" | "bf16": autocast) with the shared optimizer."""
+    prec = Precision(precision, "bench")
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    weights = torch.full(targets.shape, 1 / targets.numel())
+
+    def step():
+        with prec.autocast("cpu"):
+            if ours:
+                loss = model(inputs, labels=[(targets, weights)])[0]
+            else:
+                logits = model(inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_precision(name: str, quick: bool) -> dict:
+    """tokens/s of the four training steps (nanoseek / transformers x fp32 / bf16), interleaved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, hf = build(name, Path(tmp) / "m")
+    B, T = 8, 256
+    batch = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    rows: dict = {}
+    fns = {}
+    for label, m, ours in (("nanoseek", model, True), ("transformers", hf, False)):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+        for precision in ("fp32", "bf16"):
+            fns[f"train {label} {precision}"] = (precision_train_step(m, batch, precision, ours, opt), B * T)
+    interleaved(rows, fns, 3 if quick else 7, warmup=2)
+    tps = {k: r["tokens_per_s"] for k, r in rows.items()}
+    ratios = {"nanoseek bf16 / nanoseek fp32": tps["train nanoseek bf16"] / tps["train nanoseek fp32"],
+              "nanoseek bf16 / transformers bf16": tps["train nanoseek bf16"] / tps["train transformers bf16"],
+              "nanoseek fp32 / transformers fp32": tps["train nanoseek fp32"] / tps["train transformers fp32"],
+              "transformers bf16 / transformers fp32": tps["train transformers bf16"] / tps["train transformers fp32"]}
+    goal = TRAIN_PRECISION_GOAL.get(name)
+    return {"config": name, "rows": rows, "ratios": ratios, "goal_bf16_over_fp32": goal,
+            "goal_holds": goal is not None and ratios["nanoseek bf16 / nanoseek fp32"] >= goal}
+
+
+def print_train_precision(results: list[dict]):
+    for res in results:
+        print(f"== {res['config']}: training step, batch 8 x 256, threads {torch.get_num_threads()}")
+        for key, r in res["rows"].items():
+            print(f"  {key:<34}{r['tokens_per_s']:>10.1f} tokens/s")
+        for label, ratio in res["ratios"].items():
+            print(f"  {label:<40}{ratio:>7.2f}x")
+        if res["goal_bf16_over_fp32"]:
+            print(f"  goal bf16 >= {res['goal_bf16_over_fp32']}x fp32: {'holds' if res['goal_holds'] else 'MISSED'}")
+
+
 RATIOS = [
     ("train", "train nanoseek", "train transformers"),
     ("train MoE vs dense twin (time ratio)", "train nanoseek dense twin", "train nanoseek"),
@@ -369,7 +435,18 @@ def main():
     ap.add_argument("--out", default="bench/results/perf.json")
     ap.add_argument("--only-bf16-inference", action="store_true",
                     help="only the bf16 against fp32 inference rows (no transformers, no training)")
+    ap.add_argument("--train-precision", action="store_true",
+                    help="only the bf16-vs-fp32 training rows (see the module docstring)")
     args = ap.parse_args()
+    if args.train_precision:
+        results = [bench_train_precision(name, args.quick) for name in args.configs]
+        print_train_precision(results)
+        out = Path(args.out).with_name("perf_train_precision.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+                                   "results": results}, indent=2))
+        print(f"wrote {out}")
+        return
     if args.only_bf16_inference:
         results = [bench_bf16_only(name, args.quick) for name in args.configs]
         print_bf16_table(results)

@@ -9,7 +9,7 @@ Stages (each writes into RUN/ and is skipped when already complete, so an interr
   6. dense     the same recipe with a dense model of equal activated parameters (MoE vs dense)
   7. eval      held-out greedy accuracy with 95% intervals for every model
   8. report    RUN/report.md with plots, RUN/model (the final reasoner, HF format + tokenizer)
-Deterministic for a given seed on CPU.
+Deterministic for a given seed on CPU, in fp32 on every machine (the recipes pin precision = "fp32").
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def base_recipe(s: DemoSettings, data_dir: Path, tok_dir: Path, progress: bool =
                        schedule="constant",
                        eval_every=max(s.sft_steps // 4, 1), eval_batches=4, save_every=max(s.sft_steps // 4, 1),
                        keep_last=1, usd_per_hour=s.usd_per_hour, progress=progress, bias_update_speed=0.01,
-                       aux_loss_alpha=0.0001, mtp_loss_weight=0.3)
+                       aux_loss_alpha=0.0001, mtp_loss_weight=0.3,
+                       precision="fp32")  # the same numbers on every machine (auto differs with AMX)
 
 
 def _done(path: Path) -> bool:
@@ -201,7 +202,7 @@ def _grpo_stage(run: Path, sft: Path, tok_dir: Path, s: DemoSettings, progress: 
                         max_steps=s.grpo_steps, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
                         temperature=1.0, lr=s.grpo_lr, beta=0.0, eps_low=0.2, eps_high=0.28, loss_agg="token",
                         save_every=max(s.grpo_steps // 3, 1), keep_last=1, progress=progress,
-                        resume=has_ckpt).validate())
+                        resume=has_ckpt, precision="fp32").validate())
     summary = json.loads(summary_file.read_text())
     meter = CostMeter(load_model(out / "model").config, out / "cost.json", usd_per_hour=s.usd_per_hour,
                       seq_len=s.seq_len)

@@ -5,10 +5,16 @@ tiny MoE with a byte-level tokenizer for the reasoning tasks, and a small traini
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 import torch
+
+# `precision = "auto"` (the recipes' default) means fp32 in tests unless a test asks otherwise: the tests
+# that compare numbers stay on the fp32 reference path on every machine, AMX or not, and no test pays
+# the bf16 probe (tests/test_precision.py and tests/test_bf16_train.py set what they test explicitly)
+os.environ.setdefault("NANOSEEK_BF16", "0")
 
 # a random tiny MoE for the reasoning tests: byte-level vocabulary, 4 experts, no MTP
 TINY_TASK_MODEL = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

@@ -134,8 +134,9 @@ def test_gpu_table_and_names():
     assert gpu_key_for_name("NVIDIA H200") == "h200"
     assert gpu_key_for_name("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_key_for_name("NVIDIA GeForce RTX 4090") is None
-    entry, peak, source = cost.device_peak("H800")
+    entry, peak, source = cost.device_peak("H800", torch.bfloat16)
     assert entry.key == "h800" and peak == 989e12 and "datasheet" in source
+    assert cost.device_peak("H800", torch.float32)[1:] == (67e12, "datasheet dense fp32")  # no TF32
 
 
 def test_estimate_on_cpu_uses_the_probe(monkeypatch):

@@ -175,7 +175,7 @@ def test_grouped_mm_path_equals_the_expert_loop(monkeypatch):
     w = torch.rand(12, 2)
 
     def run(grouped: bool):
-        monkeypatch.setattr(moe_module, "use_grouped_mm", lambda t: grouped)
+        monkeypatch.setattr(moe_module, "use_grouped_mm", lambda t, dtype=None: grouped)
         experts.zero_grad()
         xs = x.clone().requires_grad_()
         out = experts(xs, idx, w)

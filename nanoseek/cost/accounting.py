@@ -93,9 +93,11 @@ def flops_convention(f: FlopsPerToken) -> str:
 class CostMeter:
     """Writes a run's cost.json; the trainer calls `update` every log step and at the end.
 
-    FLOPs per token and the device peak are resolved once here ('cpu' runs the cached matmul probe
-    in `probe_dtype`; 'cuda' recognises the GPU by name; a table key such as 'h100' reads the table;
-    `peak_flops` overrides all of them).
+    FLOPs per token and the device peak are resolved once here, for matmuls in `probe_dtype`, the
+    precision the run computes in (bf16 under autocast, else fp32), so MFU is against the peak of what
+    actually runs: 'cpu' runs the cached matmul probe; 'cuda' recognises the GPU by name (datasheet)
+    or measures one the table lacks; a table key such as 'h100' reads the table; `peak_flops` (the
+    recipe field) overrides all of them.
     """
 
     def __init__(self, config: ModelConfig, path: str | Path, *, device: str = "cpu",

@@ -44,22 +44,29 @@ SECONDS_PER_HOUR = 3600.0
 # ---- devices -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Device:
-    """A device kind and its peak: dense (no sparsity) bf16 tensor-core FLOP/s from the datasheet,
-    or None where it is measured (the CPU: a float32 matmul probe, see measure_matmul_peak)."""
+    """A device kind and its datasheet peaks (dense, no sparsity): `peak_flops` for bf16 on the tensor
+    cores, `peak_fp32` for plain fp32 (torch's default float32 matmul precision uses no TF32); None
+    where it is measured instead (the CPU: the matmul probe of nanoseek.precision)."""
 
     key: str
     name: str
     peak_flops: float | None
+    peak_fp32: float | None = None
+
+    def peak(self, dtype: torch.dtype) -> float | None:
+        """The datasheet peak for matmuls in `dtype` (bf16 / fp16: tensor cores, else fp32)."""
+        return self.peak_flops if dtype in (torch.bfloat16, torch.float16) else self.peak_fp32
 
 
 GPUS: dict[str, Device] = {d.key: d for d in (
-    Device("h800", "NVIDIA H800 SXM", 989e12),  # the H100 SXM compute die with NVLink cut down
-    Device("h100", "NVIDIA H100 SXM", 989e12),
-    Device("h200", "NVIDIA H200 SXM", 989e12),  # H100's compute, more and faster memory
-    Device("a100", "NVIDIA A100", 312e12),
-    Device("b200", "NVIDIA B200", 2250e12),
-    Device("cpu", "CPU (measured float32 matmul peak)", None),
+    Device("h800", "NVIDIA H800 SXM", 989e12, 67e12),  # the H100 SXM compute die with NVLink cut down
+    Device("h100", "NVIDIA H100 SXM", 989e12, 67e12),
+    Device("h200", "NVIDIA H200 SXM", 989e12, 67e12),  # H100's compute, more and faster memory
+    Device("a100", "NVIDIA A100", 312e12, 19.5e12),
+    Device("b200", "NVIDIA B200", 2250e12, 80e12),
+    Device("cpu", "CPU (measured matmul peak)", None),
 )}
+CUDA_PROBE_SIZE = 4096  # the matmul an unknown GPU's peak is measured with
 
 
 def lookup_gpu(gpu: str) -> Device:
@@ -80,23 +87,46 @@ def gpu_key_for_name(device_name: str) -> str | None:
 
 
 def device_peak(device: str, dtype: torch.dtype = torch.float32) -> tuple[Device, float, str]:
-    """(table entry, peak FLOP/s per device, where the peak comes from) for a device kind.
+    """(table entry, peak FLOP/s per device, where the peak comes from) for matmuls in `dtype` (the
+    precision the run computes in: fp32, or bf16 under autocast) on a device kind.
 
     'cpu' measures a `dtype` matmul (cached); a table key ('h100') reads the datasheet; 'cuda' or
-    'cuda:N' recognises the local GPU by name (datasheet bf16 peak: the trainer runs bf16 autocast).
+    'cuda:N' recognises the local GPU by name, and a GPU the table does not know (RTX 4090, L40S, A10G)
+    has its `dtype` matmul peak measured on the spot: never an error (a recipe's `peak_flops`, given to
+    CostMeter, overrides all of these).
     """
     kind = str(device).strip().lower()
     if kind.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(kind)) if torch.cuda.is_available() else "none"
         key = gpu_key_for_name(name)
         if key is None:
-            raise ConfigError(f"no known peak for CUDA device {name!r}; pass peak_flops or one of: "
-                              f"{', '.join(GPUS)}")
+            return (Device("cuda", name, None), measure_cuda_matmul_peak(dtype, kind),
+                    f"measured {dtype_name(dtype)} matmul probe ({name} is not in the datasheet table)")
         kind = key
     entry = lookup_gpu(kind)
-    if entry.peak_flops is None:
+    peak = entry.peak(dtype)
+    if peak is None:
         return entry, measure_matmul_peak(dtype), f"measured {dtype_name(dtype)} matmul probe"
-    return entry, entry.peak_flops, "datasheet dense bf16"
+    return entry, peak, f"datasheet dense {'bf16' if dtype in (torch.bfloat16, torch.float16) else 'fp32'}"
+
+
+def measure_cuda_matmul_peak(dtype: torch.dtype, device: str = "cuda", size: int = CUDA_PROBE_SIZE,
+                             repeats: int = 20) -> float:
+    """FLOP/s of the fastest of `repeats` size x size `dtype` matmuls on a CUDA device (timed with
+    events after a warm-up; about a second)."""
+    dev = torch.device(device)
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    out = a @ b
+    best = 0.0
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(a, b, out=out)
+        end.record()
+        end.synchronize()
+        best = max(best, 2 * size ** 3 / max(start.elapsed_time(end) / 1e3, 1e-9))
+    return best
 
 
 # ---- FLOPs per token -----------------------------------------------------------------------------
@@ -280,11 +310,13 @@ class CostEstimate:
 def estimate(config: ModelConfig, tokens: float, gpu: str = "h800", mfu: float = DEFAULT_MFU,
              usd_per_hour: float = DEFAULT_USD_PER_HOUR, seq_len: int = DEFAULT_SEQ_LEN, *,
              n_gpus: int = 1, causal: bool = True, include_mtp: bool = True,
-             peak_flops: float | None = None, label: str = "") -> CostEstimate:
+             peak_flops: float | None = None, label: str = "", dtype: torch.dtype | None = None) -> CostEstimate:
     """FLOPs, GPU-hours, dollars and days to train `config` on `tokens` tokens.
 
     `gpu` is a key of GPUS ('cpu' measures this machine); `peak_flops` overrides the table's peak
     (the gpu name then only labels it). `mfu` in (0, 1]: DEFAULT_MFU is DeepSeek-V3's implied one.
+    dtype: the training precision whose peak counts (default bf16 on GPUs, as DeepSeek trains; fp32
+    on 'cpu').
     """
     tokens = _non_negative("tokens", tokens)
     if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
@@ -292,7 +324,9 @@ def estimate(config: ModelConfig, tokens: float, gpu: str = "h800", mfu: float =
     usd_per_hour = _non_negative("usd_per_hour", usd_per_hour)
     n_gpus = _positive_int("n_gpus", n_gpus)
     if peak_flops is None:
-        entry, peak, source = device_peak(gpu)
+        if dtype is None:
+            dtype = torch.float32 if str(gpu).strip().lower() == "cpu" else torch.bfloat16
+        entry, peak, source = device_peak(gpu, dtype)
     else:
         entry = GPUS.get(str(gpu).lower(), Device(str(gpu), str(gpu), None))
         peak, source = _positive("peak_flops", peak_flops), "given"

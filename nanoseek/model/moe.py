@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .loss import compute_dtype
 
 
 class MLP(nn.Module):
@@ -33,8 +34,9 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Scores every routed expert and picks num_experts_per_tok of them per token.
 
-    `weight` and `e_score_correction_bias` stay fp32 whatever the model dtype: selection is a
-    discrete choice that small rounding differences would flip.
+    `weight` and `e_score_correction_bias` stay fp32 whatever the model dtype, and the scores are
+    computed in fp32 also under bf16 autocast (as DeepSeek-V3 does): selection is a discrete choice
+    that small rounding differences would flip.
     """
 
     def __init__(self, config: ModelConfig):
@@ -64,8 +66,9 @@ class Gate(nn.Module):
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, D) -> affinity scores (N, E) in fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x: (N, D) -> affinity scores (N, E) in fp32 (autocast off: it would run the linear in bf16)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,6 +104,8 @@ ALL_EXPERTS_MAX_WASTED_FLOPS = 40e6
 # Up to this many (token, expert) pairs an inference batch runs pair by pair (`_few_pairs`): measured
 # faster than the sorted dispatch for bench-192m at batch 1 and 2 (6 and 12 pairs), slower at 4.
 FEW_PAIRS = 12
+# bf16 expert matmuls on a CPU run on rows padded to a multiple of this (see RoutedExperts._padded_loop)
+ROW_BUCKET = 32
 
 
 def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -112,17 +117,29 @@ def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
 _GROUPED_MM: dict[tuple, bool] = {}
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs (forward and backward) for x's device and dtype: probed once on
-    tiny tensors (CPU fp32 in torch 2.13 does; CUDA wants bf16 on recent GPUs)."""
-    key = (x.device.type, x.dtype)
+def use_grouped_mm(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the experts take torch._grouped_mm for x's device and `dtype` (default x's): where it
+    runs (`grouped_mm_works`), except bf16 on a CPU: there the per-expert loop's bf16 matmuls (oneDNN,
+    AMX) measured faster than _grouped_mm's CPU bf16 kernel, whose weight gradient over uneven groups
+    is the slow part (bench-8m training step, interleaved: 1.5x the loop's time)."""
+    dtype = dtype or x.dtype
+    if x.device.type == "cpu" and dtype == torch.bfloat16:
+        return False
+    return grouped_mm_works(x, dtype)
+
+
+def grouped_mm_works(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether torch._grouped_mm runs (forward and backward) for x's device and `dtype` (default x's):
+    probed once on tiny tensors (CPU fp32 and bf16 in torch 2.13 do; CUDA wants bf16 on recent GPUs)."""
+    key = (x.device.type, dtype or x.dtype)
     if key not in _GROUPED_MM:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
             try:  # outside inference mode (the engine decodes in it): the probe needs autograd
-                with torch.inference_mode(False), torch.enable_grad():
-                    a = torch.randn(4, 16, device=x.device, dtype=x.dtype, requires_grad=True)
-                    b = torch.randn(2, 16, 16, device=x.device, dtype=x.dtype, requires_grad=True)
+                with torch.inference_mode(False), torch.enable_grad(), \
+                        torch.autocast(x.device.type, enabled=False):
+                    a = torch.randn(4, 16, device=x.device, dtype=key[1], requires_grad=True)
+                    b = torch.randn(2, 16, 16, device=x.device, dtype=key[1], requires_grad=True)
                     offs = torch.tensor([1, 4], device=x.device, dtype=torch.int32)
                     y = torch._grouped_mm(a, b, offs=offs)
                     y.backward(torch.ones_like(y))
@@ -187,22 +204,47 @@ class RoutedExperts(nn.Module):
         rows (two grouped matmuls, no per-expert ops, no host sync; every expert gets a gradient, zeros
         when it had no rows); else a loop over the experts (those without rows skipped unless run_empty)."""
         # (training and prefill up to 20% faster than the loop; decoding bench-192m at batch 8, 12%)
-        if use_grouped_mm(x):
+        dtype = compute_dtype(x)
+        if use_grouped_mm(x, dtype):
+            # autocast does not cover _grouped_mm: under bf16 autocast cast inputs and weights here (the
+            # casts are differentiable, the fp32 master weights get fp32 gradients)
+            gate_up, down = self.gate_up.to(dtype).transpose(1, 2), self.down.to(dtype).transpose(1, 2)
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs))
+            gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offs).chunk(2, dim=-1)
+            return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, down, offs=offs))
+        if x.device.type == "cpu" and dtype == torch.bfloat16 and x.shape[0]:
+            return self._padded_loop(x.to(dtype), counts, dtype, run_empty)
+        return self._loop(x, counts, run_empty)
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False, dtype=None) -> torch.Tensor:
+        """The per-expert loop of `grouped_experts` (weights cast once to `dtype` when given)."""
+        gate_up, down = self.gate_up, self.down
+        if dtype is not None:
+            gate_up, down = gate_up.to(dtype), down.to(dtype)
         if torch.is_grad_enabled():
             # one UnbindBackward stacks all expert grads at once; indexing gate_up[e] would make every
             # expert's backward write a zero-filled copy of the whole stacked tensor
-            gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        else:
-            gate_up, down = self.gate_up, self.down
+            gate_up, down = gate_up.unbind(0), down.unbind(0)
         outs = []
         for block, e in zip(x.split(counts.tolist()), range(self.n_experts)):
             if block.shape[0] or run_empty:
                 gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down[e]))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])  # no in-place writes: small nodes
+
+    def _padded_loop(self, x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype, run_empty: bool) -> torch.Tensor:
+        """The loop in bf16 on a CPU, each expert's rows padded with zero rows to a multiple of
+        ROW_BUCKET. oneDNN compiles a bf16 matmul kernel per new shape (~20-40 ms each, measured), and
+        the unpadded row counts change every step, so without padding nearly every expert matmul, and
+        its two gradient matmuls, paid a compilation; padded, the few shapes hit its cache. Zero rows
+        give zero outputs and add nothing to the weight gradients."""
+        padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
+        rows = torch.arange(x.shape[0], device=x.device)
+        first = (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=x.shape[0])
+        slot = (padded.cumsum(0) - padded).repeat_interleave(counts, output_size=x.shape[0]) + rows - first
+        total = int(padded.sum())
+        xp = x.new_zeros(total, x.shape[1]).index_copy(0, slot, x)  # (sum padded, D)
+        return self._loop(xp, padded, run_empty, dtype).index_select(0, slot)
 
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one or two tokens: each (token, expert) pair runs on its own, the down projection

@@ -11,11 +11,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import MLA, segment_mask
 from .attention import attention_mask as attention_mask_for
 from .cache import LatentCache
+from .loss import linear_cross_entropy
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -70,16 +72,22 @@ class MTPModule(nn.Module):
 
     def forward(self, hidden, next_embeds, freqs, cache=None, start=0, mask=None):
         """hidden, next_embeds: (B, T, D) -> (B, T, D) hidden state of this depth (before the head norm)."""
-        h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.block(h, freqs, cache, start, mask)
+        return self.block(self.block_input(hidden, next_embeds), freqs, cache, start, mask)
+
+    def block_input(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V3/V2 decoder. `model(input_ids) -> logits` (B, T, vocab) in the model's dtype."""
+    """DeepSeek-V3/V2 decoder. `model(input_ids) -> logits` (B, T, vocab) in the model's dtype.
+
+    `activation_checkpointing` (a training setting, off by default): each block's activations are
+    recomputed in the backward instead of kept, for forwards with gradients and without a cache."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         L = config.num_hidden_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(L))
@@ -116,12 +124,21 @@ class Transformer(nn.Module):
         freqs = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, freqs, cache, start, mask)
+            x = self._run_block(layer, x, freqs, cache, start, mask)
         return x
+
+    def _run_block(self, block: nn.Module, x, freqs, cache=None, start=0, mask=None):
+        """block(x, ...), under activation checkpointing when it is on and applies (see the class)."""
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            # non-reentrant: keeps autocast, works with unused inputs (mask None) and FSDP2's hooks;
+            # the MoE's routing statistics are set again, to the same values, by the recompute
+            return checkpoint(block, x, freqs, None, start, mask, use_reentrant=False)
+        return block(x, freqs, cache, start, mask)
 
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start: int | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, return_mtp: bool = False, mtp_detach_trunk: bool = False):
+                segment_ids: torch.Tensor | None = None, return_mtp: bool = False, mtp_detach_trunk: bool = False,
+                labels: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """Logits (B, T, vocab).
 
         cache: tokens go into cache slots start..start+T (default start = cache.length) and the cache
@@ -131,7 +148,13 @@ class Transformer(nn.Module):
         cache): tokens attend only within their segment. return_mtp: also a list of MTP logits, depth k
         giving (B, T - k, vocab) where position i predicts token i + k + 1. mtp_detach_trunk: the MTP
         logits' gradient stops at the MTP modules (see `mtp_logits`).
+        labels (training, no cache): [(targets, weights)] for the main head, then MTP depths 1, 2, ...
+        ((B, T - k) each, weights per target: mask / count for a masked mean) -> instead of logits, the
+        list of weighted cross-entropy sums (fp32 scalars), each fused with lm_head in chunks so the
+        logits of the whole vocabulary never sit in memory (model/loss.py).
         """
+        if labels is not None:
+            return self._losses(input_ids, positions, segment_ids, labels)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -186,13 +209,9 @@ class Transformer(nn.Module):
             mask = main.mask
         return self.mtp[0](main.hidden, self.embed_tokens(next_ids), self.rotary(positions), cache, start, mask)
 
-    def mtp_head(self, hidden: torch.Tensor, depth: int = 1, detach_head: bool = False) -> torch.Tensor:
-        """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head
-        (detach_head: as a constant, no gradient to it)."""
-        normed = self.mtp[depth - 1].shared_head.norm(hidden)
-        if detach_head:
-            return F.linear(normed, self.lm_head.weight.detach())
-        return self.lm_head(normed)
+    def mtp_head(self, hidden: torch.Tensor, depth: int = 1) -> torch.Tensor:
+        """MTP hidden states (..., D) of `depth` -> logits (..., vocab): its own norm, the shared lm_head."""
+        return self.lm_head(self.mtp[depth - 1].shared_head.norm(hidden))
 
     @staticmethod
     def _mask(T, attention_mask, segment_ids) -> torch.Tensor | None:
@@ -223,21 +242,43 @@ class Transformer(nn.Module):
         detach_trunk: the main model's hidden states, token embeddings and output head enter as
         constants, so a loss on these logits trains the MTP modules only (GRPO keeps the policy's
         gradient its own; pretraining lets it reach the trunk, as DeepSeek-V3 does)."""
+        head = self.lm_head.weight.detach() if detach_trunk else self.lm_head.weight
+        return [F.linear(h, head) for h in self.mtp_hidden(hidden, input_ids, positions, segment_ids,
+                                                            detach_trunk=detach_trunk)]
+
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None, depths: int | None = None,
+                   detach_trunk: bool = False) -> list[torch.Tensor]:
+        """The normed hidden states (B, T - k, D) that lm_head turns into MTP depth k's logits, for the
+        first `depths` depths (default all); detach_trunk as in `mtp_logits`."""
         out = []
         T = input_ids.shape[1]
         if detach_trunk:
             hidden = hidden.detach()
-        for k, module in enumerate(self.mtp, start=1):
+        for k, module in enumerate(self.mtp[:depths], start=1):
             if T - k <= 0:
                 break
             pos = positions[:, : T - k] if positions is not None and positions.shape[1] == T else \
                 torch.arange(T - k, device=input_ids.device)[None]
             mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
             embeds = self.embed_tokens(input_ids[:, k:])
-            hidden = module(hidden[:, : T - k], embeds.detach() if detach_trunk else embeds, self.rotary(pos),
-                            mask=mask)
-            out.append(self.mtp_head(hidden, k, detach_head=detach_trunk))
+            h = module.block_input(hidden[:, : T - k], embeds.detach() if detach_trunk else embeds)
+            hidden = self._run_block(module.block, h, self.rotary(pos), mask=mask)
+            out.append(module.shared_head.norm(hidden))
         return out
+
+    def _losses(self, input_ids, positions, segment_ids, labels) -> list[torch.Tensor]:
+        """forward(labels=...): the main hidden states, then as many MTP depths as labels has after the
+        first, each through `linear_cross_entropy` with lm_head."""
+        T = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)[None]
+        h = self.hidden_states(input_ids, positions, mask=self._mask(T, None, segment_ids))
+        heads = [self.norm(h)]
+        if len(labels) > 1:
+            heads += self.mtp_hidden(h, input_ids, positions, segment_ids, depths=len(labels) - 1)
+        return [linear_cross_entropy(x, self.lm_head.weight, targets, weights)
+                for x, (targets, weights) in zip(heads, labels)]
 
     # ---- balancing statistics -----------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

@@ -68,10 +68,17 @@ def lr_at(step: int, recipe: TrainRecipe) -> float:
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                          denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss over positions where mask is True. logits (B, T, V), targets/mask (B, T).
-    denominator: divide the summed loss by this instead of the local count (data parallel)."""
+    denominator: divide the summed loss by this instead of the local count (data parallel).
+    (The trainer fuses this with the head instead: `loss_weights` and Transformer(labels=...).)"""
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    m = mask.flatten().to(losses.dtype)
-    return (losses * m).sum() / (m.sum().clamp(min=1) if denominator is None else denominator)
+    return (losses * loss_weights(mask, denominator).flatten()).sum()
+
+
+def loss_weights(mask: torch.Tensor, denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-target weights (fp32) whose weighted sum of losses is the masked mean: mask / count, or
+    mask / denominator (data parallel, see `global_denominators`)."""
+    m = mask.float()
+    return m / (m.sum().clamp(min=1) if denominator is None else denominator)
 
 
 def mtp_cross_entropy(mtp_logits: list[torch.Tensor], targets: torch.Tensor, masks: list[torch.Tensor],
@@ -115,23 +122,22 @@ def global_denominators(masks: list[torch.Tensor], parallel) -> list[torch.Tenso
 def training_loss(model: Transformer, batch, recipe: TrainRecipe,
                   denominators: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """CE on the targets + lambda * mean MTP CE + sequence aux loss. Returns (loss, parts as floats).
-    denominators: per loss term (main, then MTP depths), see `global_denominators`."""
+    denominators: per loss term (main, then MTP depths), see `global_denominators`. The CE terms are
+    fused with the head in chunks (model/loss.py) and computed in fp32 whatever the autocast."""
     packed = recipe.mode == "sft"
-    want_mtp = mtp_depths(model, recipe) > 0
     masks = loss_masks(batch, recipe, mtp_depths(model, recipe))
     den = denominators or [None] * len(masks)
-    out = model(batch.inputs, positions=batch.input_positions if packed else None,
-                segment_ids=batch.input_segments if packed else None, return_mtp=want_mtp)
-    logits, mtp = (out if want_mtp else (out, []))
-    ce = masked_cross_entropy(logits, batch.targets, masks[0], den[0])
+    labels = [(batch.targets[:, k:], loss_weights(m, d)) for k, (m, d) in enumerate(zip(masks, den))]
+    ce, *mtp_losses = model(batch.inputs, positions=batch.input_positions if packed else None,
+                            segment_ids=batch.input_segments if packed else None, labels=labels)
     loss, parts = ce, {"loss": ce.item()}
-    if mtp:
-        mtp_loss = mtp_cross_entropy(mtp, batch.targets, masks[1:], den[1:])
+    if mtp_losses:
+        mtp_loss = torch.stack(mtp_losses).mean()
         loss = loss + recipe.mtp_loss_weight * mtp_loss
         parts["mtp_loss"] = mtp_loss.item()
     aux = model.aux_loss()
     if aux is not None:
-        loss = loss + aux
+        loss = loss + aux.float()
         parts["aux_loss"] = aux.item()
     return loss, parts
 

@@ -396,6 +396,7 @@ class GRPOTrainer(Algorithm):
         self.folder = RunFolder(recipe, parallel, self.tokenizer_dir, error=GRPOError)
         self.run_dir = self.folder.dir
         self.state = {"step": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "rollout_tokens": 0, "update_tokens": 0}
+        saved = {}
         if self.folder.resumed_from is not None:
             self.model, self.optimizer, saved = self.folder.load(lambda m: build_optimizer(m, recipe), self.device)
             self.state.update({k: saved[k] for k in self.state if k in saved})
@@ -404,6 +405,8 @@ class GRPOTrainer(Algorithm):
                                                          dtype=torch.float32).train())
             self.optimizer = build_optimizer(self.model, recipe)
         set_aux_loss_alpha(self.model, 0.0)  # no balance loss in RL; the bias update is optional
+        self.precision = self.folder.resolve_precision(saved)  # the policy and reference forwards' autocast
+        self.model.activation_checkpointing = recipe.activation_checkpointing
         self.reference = None
         if recipe.beta > 0:  # a full copy on every rank: it only runs forwards, free of collectives
             self.reference = load_model(recipe.init_from, device=self.device, dtype=torch.float32).eval()
@@ -536,7 +539,8 @@ class GRPOTrainer(Algorithm):
             loads = None
             for j, live in enumerate(sl is not None for sl in batch.chunks):
                 _, mask, adv = batch.micro_batch(j)
-                logp, entropy, mtp_loss = self._forward(batch, j, with_entropy=it == 0)
+                with self.precision.autocast(self.device):
+                    logp, entropy, mtp_loss = self._forward(batch, j, with_entropy=it == 0)
                 loss, s = grpo_loss(logp, old[j] if old is not None else logp.detach(), adv, mask,
                                     ref_logp=ref[j] if ref is not None else None, beta=r.beta, eps_low=r.eps_low,
                                     eps_high=r.eps_high, loss_agg=r.loss_agg, max_len=self.max_new_tokens,
@@ -615,9 +619,10 @@ class GRPOTrainer(Algorithm):
         reference (beta > 0). A dead micro-batch is row 0 again."""
         r = self.recipe
         rows = [batch.micro_batch(j)[0] for j in range(len(batch.chunks))]
-        old = [completion_logprobs(self.model, ids, r.temperature)[0] for ids in rows] if r.mu > 1 else None
-        ref = [completion_logprobs(self.reference, ids, r.temperature)[0] for ids in rows] \
-            if self.reference is not None else None
+        with self.precision.autocast(self.device):
+            old = [completion_logprobs(self.model, ids, r.temperature)[0] for ids in rows] if r.mu > 1 else None
+            ref = [completion_logprobs(self.reference, ids, r.temperature)[0] for ids in rows] \
+                if self.reference is not None else None
         return old, ref
 
     def step_metrics(self, ro: Rollouts) -> dict:

@@ -9,7 +9,7 @@ A run folder holds:
 
 The loop: SIGINT/SIGTERM and max_seconds (CPU time) stop it after the current step, with a checkpoint;
 every `save_every` steps a checkpoint; a non-finite loss stops it before the step changes anything.
-`resume` continues from the latest checkpoint, bit for bit on CPU. checkpoint_format: "full" (the above),
+`resume` continues from the latest checkpoint, bit for bit on CPU, in the precision it ran in. checkpoint_format: "full" (the above),
 "sharded" (checkpoints/step-N/sharded/ instead of model/ and optimizer.safetensors: every rank writes its
 own shards, see sharded.py), or "auto" (sharded under torchrun, full in one process); a run resumes from
 either, on any number of processes.
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..checkpoint import SHARDED_DIR, consolidate, save_model
 from ..errors import CheckpointError, NanoseekError
+from ..precision import Precision, resolve_precision
 from ..runio import MetricsLogger
 from .common import (copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
                      remove_stale_checkpoint_staging, save_checkpoint, update_routing_bias)
@@ -183,9 +184,31 @@ class RunFolder:
             raise CheckpointError(f"{self.dir} already holds checkpoints: pass resume=true to continue that run, "
                                   "or choose another out folder")
         self.resumed_from = latest if recipe.resume else None
+        self.precision: Precision | None = None  # set by resolve_precision
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sharded = use_sharded(recipe.checkpoint_format, parallel.world_size)
         self.saved: tuple[int, Path] | None = None  # (step, folder) of this run's last checkpoint
+
+    def resolve_precision(self, saved: dict | None = None) -> Precision:
+        """The precision the run computes in (printed by rank 0, recorded in recipe.json, the summary
+        and every checkpoint): recipe.precision resolved on the device (docs/precision.md), the same on
+        every rank (fp32 unless all ranks choose bf16). A resumed run keeps the precision its checkpoint
+        `saved` ran in: `auto` takes it, an explicit other one is refused (the resumed losses would no
+        longer continue the run's)."""
+        asked, before = self.recipe.precision, (saved or {}).get("precision")
+        if before is not None and asked == "auto":
+            prec = Precision(before, f"resumed: {self.resumed_from.name} ran in {before}")
+        elif before is not None and asked != before:
+            raise self.error(f"cannot resume from {self.resumed_from}: recipe field 'precision' was {before!r} "
+                             f"there and is {asked!r} now (use {before!r} or 'auto', or start a new run)")
+        else:
+            prec = resolve_precision(asked, self.parallel.device)
+            if self.parallel.any(not prec.is_bf16) and prec.is_bf16:
+                prec = Precision("fp32", "auto: another rank chose fp32")
+        self.precision = prec
+        if self.parallel.is_main:
+            print(f"precision: {prec.describe()}", flush=True)
+        return prec
 
     def load(self, optimizer_for, device) -> tuple:
         """Model, optimizer and state of the checkpoint to resume from (the newest that loads: see
@@ -207,6 +230,8 @@ class RunFolder:
 
     def save(self, step: int, model, optimizer, state: dict) -> None:
         state = {**state, "recipe": {k: getattr(self.recipe, k) for k in self.recipe.RESUME_KEYS}}
+        if self.precision is not None:
+            state["precision"] = self.precision.name
         path = save_checkpoint(self.dir, step, model, optimizer, state, self.recipe.keep_last, self.tokenizer_dir,
                                parallel=self.parallel, sharded=self.sharded)
         self.saved = (step, path)
@@ -232,7 +257,10 @@ class RunFolder:
     def open_metrics(self, step: int) -> MetricsLogger:
         """Write recipe.json; the metrics log (rank 0), continued after `step` on resume, a fresh one for
         a fresh run."""
-        (self.dir / "recipe.json").write_text(json.dumps(self.recipe.as_dict(), indent=2))
+        recorded = self.recipe.as_dict()
+        if self.precision is not None:
+            recorded["resolved_precision"] = self.precision.as_dict()
+        (self.dir / "recipe.json").write_text(json.dumps(recorded, indent=2))
         resumed = self.resumed_from is not None
         logger = MetricsLogger(self.dir, resume_step=step if resumed else None)
         if not resumed:
@@ -329,6 +357,8 @@ def run_loop(algo: Algorithm) -> dict:
             logger.close()
     folder.publish(algo.model, step)
     summary = algo.summary(stopped_by)
+    if folder.precision is not None:
+        summary["precision"] = folder.precision.name
     if main:
         algo.plot()
         (folder.dir / "summary.json").write_text(json.dumps(summary, indent=2))

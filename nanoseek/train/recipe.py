@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from ..precision import PRECISIONS
 
 MODES = ("pretrain", "sft")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -61,6 +62,10 @@ class RunRecipe:
     resume: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True
+    # precision and memory (docs/precision.md)
+    precision: str = "auto"  # fp32 | bf16 (autocast, fp32 master weights) | auto: bf16 where a probe shows it pays
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
+    peak_flops: float | None = None  # per-device peak for MFU (default: datasheet for known GPUs, else a probe)
 
     def bad(self, name: str, why: str, source: str | None = None):
         where = f" in {source}" if source else ""
@@ -74,6 +79,10 @@ class RunRecipe:
             self.bad("schedule", f"must be one of {SCHEDULES}", source)
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             self.bad("checkpoint_format", f"must be one of {CHECKPOINT_FORMATS}", source)
+        if self.precision not in PRECISIONS:
+            self.bad("precision", f"must be one of {PRECISIONS}", source)
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            self.bad("peak_flops", "must be a positive number of FLOP/s per device", source)
         for name in ("max_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 self.bad(name, "must be at least 1", source)

@@ -1,7 +1,8 @@
 """Pretraining and SFT (they differ only in packing and loss masks): a step function on the loop of
 train/loop.py.
 
-One step = grad_accum micro-batches -> loop.optimizer_step (clip, AdamW, DeepSeek's bias update from the
+One step = grad_accum micro-batches, each forward under the run's precision (bf16 autocast or fp32, see
+docs/precision.md; the backward and AdamW on the fp32 master weights) -> loop.optimizer_step (clip, AdamW, DeepSeek's bias update from the
 step's expert loads). Besides what loop.py writes, the run folder holds cost.json (tokens, FLOPs, MFU,
 device-hours, $) and loss.png; `resume` continues with bit-identical losses on CPU.
 
@@ -83,6 +84,8 @@ class Pretrainer(Algorithm):
             self.model = parallel.parallelize(build_model(recipe, parallel.device))
             self.optimizer = build_optimizer(self.model, recipe)
         set_aux_loss_alpha(self.model, recipe.aux_loss_alpha)
+        self.precision = self.folder.resolve_precision(saved)
+        self.model.activation_checkpointing = recipe.activation_checkpointing
         if recipe.compile:
             self.model.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
         cfg = self.model.config
@@ -94,9 +97,10 @@ class Pretrainer(Algorithm):
         self.tokenizer = _load_tokenizer(recipe.tokenizer)
         self.meter = None
         if parallel.is_main:
-            self.meter = CostMeter(cfg, self.folder.dir / "cost.json", device=parallel.device.type,
+            self.meter = CostMeter(cfg, self.folder.dir / "cost.json", device=str(parallel.device),
                                    n_devices=parallel.world_size, usd_per_hour=recipe.usd_per_hour,
-                                   seq_len=recipe.seq_len, include_mtp=mtp_depths(self.model, recipe) > 0)
+                                   seq_len=recipe.seq_len, include_mtp=mtp_depths(self.model, recipe) > 0,
+                                   peak_flops=recipe.peak_flops, probe_dtype=self.precision.dtype)
         self.tokens_per_step = recipe.batch_size * recipe.seq_len * recipe.grad_accum
         self.model.train()
 
@@ -109,7 +113,8 @@ class Pretrainer(Algorithm):
         for _ in range(r.grad_accum):
             batch = self.loader.next_batch().to(model.device)
             denominators = global_denominators(loss_masks(batch, r, mtp_depths(model, r)), parallel)
-            loss, parts = training_loss(model, batch, r, denominators)
+            with self.precision.autocast(parallel.device):
+                loss, parts = training_loss(model, batch, r, denominators)
             check_finite(loss.item(), parallel)
             (loss / r.grad_accum).backward()
             for key, value in parts.items():
@@ -133,7 +138,8 @@ class Pretrainer(Algorithm):
         if self.meter is not None:
             row["mfu"] = self.meter.update(self.state["tokens"], self.state["wall_seconds"]).mfu
         if r.eval_every and (step % r.eval_every == 0 or step == r.max_steps):
-            row["val_loss"] = evaluate(self.model, r, self.model.config.vocab_size, self.parallel)
+            with self.precision.autocast(self.parallel.device):
+                row["val_loss"] = evaluate(self.model, r, self.model.config.vocab_size, self.parallel)
         if r.sample_every and self.tokenizer is not None and step % r.sample_every == 0:
             row["sample"] = sample_text(self.model, self.tokenizer, r, self.parallel)
 
