@@ -46,10 +46,12 @@ _clock = time.perf_counter  # the probe's timer (tests replace it)
 
 @dataclass(frozen=True)
 class Precision:
-    """The precision a run computes in (`name`: fp32 | bf16) and why it was chosen (`reason`)."""
+    """The precision a run computes in (`name`: fp32 | bf16), why it was chosen (`reason`) and whether
+    `auto` chose it (`auto`)."""
 
     name: str
     reason: str
+    auto: bool = False  # chosen by `auto` (the probe, the device or NANOSEEK_BF16), not asked for by name
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,17 +96,17 @@ def resolve_precision(requested: str = "auto", device: str | torch.device = "cpu
         return Precision("bf16", "requested")
     forced = os.environ.get(FORCE_ENV)
     if forced in ("0", "1"):
-        return Precision("bf16" if forced == "1" else "fp32", f"auto: {FORCE_ENV}={forced}")
+        return Precision("bf16" if forced == "1" else "fp32", f"auto: {FORCE_ENV}={forced}", auto=True)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return Precision("bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16")
-        return Precision("fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16")
+            return Precision("bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16", auto=True)
+        return Precision("fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16", auto=True)
     if device.type != "cpu":
-        return Precision("fp32", f"auto: no bf16 probe for device type {device.type!r}")
+        return Precision("fp32", f"auto: no bf16 probe for device type {device.type!r}", auto=True)
     speedup = bf16_speedup()
     verdict = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     return Precision(verdict, f"auto: bf16 matmul {speedup:.2f}x fp32 on this CPU "
-                              f"({'>=' if verdict == 'bf16' else '<'} {BF16_MIN_SPEEDUP}x)")
+                              f"({'>=' if verdict == 'bf16' else '<'} {BF16_MIN_SPEEDUP}x)", auto=True)
 
 
 def bf16_speedup() -> float:

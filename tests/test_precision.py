@@ -80,3 +80,16 @@ def test_autocast_runs_matmuls_in_bf16_and_fp32_leaves_them_alone():
         assert (a @ b).dtype == torch.bfloat16
     with Precision("fp32", "test").autocast("cpu"):
         assert (a @ b).dtype == torch.float32
+
+
+def test_auto_is_marked_so_inference_can_split_by_forward_size(probe, monkeypatch):
+    """`auto` results carry auto=True whatever their reason text says; named choices do not (the engine
+    keeps fp32 for small forwards only under auto: nanoseek.infer.compute.inference_precision)."""
+    from nanoseek.infer.compute import inference_precision
+    rates, _ = probe
+    rates[torch.bfloat16] = 400.0
+    chosen = resolve_precision("auto", "cpu")
+    assert chosen.auto and not resolve_precision("bf16").auto and not resolve_precision("fp32").auto
+    renamed = Precision("bf16", "some other wording", auto=True)
+    assert inference_precision(renamed, "cpu").bf16_min_tokens == inference_precision("auto", "cpu").bf16_min_tokens is not None
+    assert inference_precision(Precision("bf16", "auto-looking text"), "cpu").bf16_min_tokens is None

@@ -71,7 +71,7 @@ def inference_precision(requested: str | Precision = "auto",
     `device`; ConfigError names a bad value."""
     device = torch.device(device)
     if isinstance(requested, Precision):
-        prec, auto = requested, requested.reason.startswith("auto")
+        prec, auto = requested, requested.auto
     else:
         prec, auto = resolve_precision(check_precision(requested), device), requested == "auto"
     if not prec.is_bf16:

@@ -197,14 +197,14 @@ class RunFolder:
         longer continue the run's)."""
         asked, before = self.recipe.precision, (saved or {}).get("precision")
         if before is not None and asked == "auto":
-            prec = Precision(before, f"resumed: {self.resumed_from.name} ran in {before}")
+            prec = Precision(before, f"resumed: {self.resumed_from.name} ran in {before}", auto=True)
         elif before is not None and asked != before:
             raise self.error(f"cannot resume from {self.resumed_from}: recipe field 'precision' was {before!r} "
                              f"there and is {asked!r} now (use {before!r} or 'auto', or start a new run)")
         else:
             prec = resolve_precision(asked, self.parallel.device)
             if self.parallel.any(not prec.is_bf16) and prec.is_bf16:
-                prec = Precision("fp32", "auto: another rank chose fp32")
+                prec = Precision("fp32", "another rank chose fp32", auto=prec.auto)
         self.precision = prec
         if self.parallel.is_main:
             print(f"precision: {prec.describe()}", flush=True)
