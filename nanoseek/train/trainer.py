@@ -9,8 +9,9 @@ device-hours, $) and loss.png; `resume` continues with bit-identical losses on C
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel with FSDP2, plus expert parallelism
 when $NANOSEEK_EP > 1 (see distributed.py). `batch_size` stays the global micro-batch: each of the W
 processes takes batch_size / W of its rows, so a recipe computes the same steps on any number of
-processes and a run resumes on another world size. Only rank 0 prints, logs and writes files; its
-checkpoints are the single-process ones (full tensors gathered on save).
+processes and a run resumes on another world size. Only rank 0 prints and logs; checkpoints are
+sharded there by default (every rank writes its own shards through torch.distributed.checkpoint,
+`checkpoint_format`; see train/sharded.py), or the single-process ones with `checkpoint_format = "full"`.
 """
 
 from __future__ import annotations
