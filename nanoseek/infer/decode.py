@@ -45,14 +45,21 @@ class Decoder:
     # ---- prefill --------------------------------------------------------------------------------
     def prefill(self, reqs: list[Request], ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
                 start: int, attention_mask: torch.Tensor | None = None,
-                following: list[int] | None = None) -> list[int] | None:
+                following: list[int] | None = None, source: list[int] | None = None) -> list[int] | None:
         """Prompt tokens ids (B, T) into cache slots start..start+T. When they end the prompts
         (`following` None), returns the first generated token per request (and sets its draft);
-        otherwise `following` holds the prompt token after this chunk, which the MTP module needs."""
+        otherwise `following` holds the prompt token after this chunk, which the MTP module needs.
+        `source`: the row of ids each request's prompt is (prefix reuse: requests may share a row;
+        not with speculation); None: row i is request i."""
         model = self.compute.for_tokens(ids.numel())
         out = model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
                                    last_only=not self.speculative)
-        firsts = self.pick(reqs, out.logits[:, -1].float()) if following is None else None
+        last = out.logits[:, -1].float()  # (B, V)
+        if source is not None:
+            if self.speculative:
+                raise ValueError("prefix reuse (source) is not supported with speculative decoding")
+            last = last[torch.tensor(source, device=last.device)]  # (len(reqs), V)
+        firsts = self.pick(reqs, last) if following is None else None
         if self.speculative:
             tail = torch.tensor(firsts if following is None else following, device=self.device)
             nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
