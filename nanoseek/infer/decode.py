@@ -217,14 +217,20 @@ class Decoder:
         """logits (n, V) -> one token per request by its own params and generator. Rows with the same
         params share one probabilities() call; rows sharing a generator draw together from it, in row
         order, so what they sample does not depend on the other rows in the batch."""
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = [0] * len(reqs)
+        greedy: list[int] = []
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(reqs):
             p = req.params
-            if not p.greedy:
+            if p.greedy:
+                greedy.append(i)
+            else:
                 groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
+        if greedy:
+            for i, t in zip(greedy, take_rows(logits, greedy).argmax(dim=-1).tolist()):
+                tokens[i] = t
         for (temperature, top_p, top_k), rows in groups.items():
-            probs = probabilities(logits[rows], temperature, top_p, top_k)  # (g, V)
+            probs = probabilities(take_rows(logits, rows), temperature, top_p, top_k)  # (g, V)
             shared: dict[int, list[int]] = {}  # generator -> positions in rows, in row order
             for j, i in enumerate(rows):
                 shared.setdefault(id(reqs[i].generator), []).append(j)
@@ -233,7 +239,7 @@ class Decoder:
                 if len(members) == 1 and len(shared) > 1:  # a request with its own generator
                     tokens[rows[members[0]]] = sample(probs[members[0]], generator)
                 else:  # requests sharing a generator (a batch, a GRPO group): one draw for them all
-                    picks = torch.multinomial(probs[members], 1, generator=generator).squeeze(-1)
+                    picks = torch.multinomial(take_rows(probs, members), 1, generator=generator).squeeze(-1)
                     for j, t in zip(members, picks.tolist()):
                         tokens[rows[j]] = t
         return tokens
@@ -248,3 +254,11 @@ class Decoder:
             else:
                 req.draft_q = probabilities(logits[i], p.temperature, p.top_p, p.top_k)
                 req.draft = sample(req.draft_q, req.generator)
+
+
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] for sorted row indices; a view, not a copy, when they are consecutive (all rows, a GRPO
+    group's samples): the same values either way."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return x[rows[0]:rows[-1] + 1]
+    return x[rows]
