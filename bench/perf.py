@@ -15,6 +15,7 @@ and writes bench/results/perf.json.
 (the trainer's path: autocast, fp32 router and master weights, the fused chunked CE) beside transformers'
 DeepseekV3 in fp32 and under the same autocast, interleaved step by step on one model each (the weights
 drift, the timing does not care); writes bench/results/perf_train_precision.json.
+    .venv/bin/python bench/perf.py --rollouts [--configs bench-8m]    # GRPO rollouts, bench/rollouts.py
 """
 
 from __future__ import annotations
@@ -428,6 +429,18 @@ def print_bf16_table(results: list[dict]):
         print()
 
 
+def bench_rollout_rows(configs: list[str], quick: bool) -> list[dict]:
+    """GRPO-shaped rollouts (bench/rollouts.py: 16 prompts x 8 samples, 128 new tokens at T=1) on the
+    demo's model and `configs`: nanoseek with repeated prompts, with prefix reuse, and transformers."""
+    from rollouts import bench_rollouts, print_result
+    results = []
+    for name in ["demo", *configs]:
+        res = bench_rollouts(name, new=32 if quick else 128, repeats=2 if quick else 3)
+        print_result(res)
+        results.append(res)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["bench-8m", "bench-192m"])
@@ -437,7 +450,17 @@ def main():
                     help="only the bf16 against fp32 inference rows (no transformers, no training)")
     ap.add_argument("--train-precision", action="store_true",
                     help="only the bf16-vs-fp32 training rows (see the module docstring)")
+    ap.add_argument("--rollouts", action="store_true",
+                    help="only the GRPO rollout rows (bench/rollouts.py) on the demo's model and --configs")
     args = ap.parse_args()
+    if args.rollouts:
+        results = bench_rollout_rows(args.configs, args.quick)
+        out = Path(args.out).with_name("perf_rollouts.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+                                   "results": results}, indent=2))
+        print(f"wrote {out}")
+        return
     if args.train_precision:
         results = [bench_train_precision(name, args.quick) for name in args.configs]
         print_train_precision(results)

@@ -45,14 +45,21 @@ class Decoder:
     # ---- prefill --------------------------------------------------------------------------------
     def prefill(self, reqs: list[Request], ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
                 start: int, attention_mask: torch.Tensor | None = None,
-                following: list[int] | None = None) -> list[int] | None:
+                following: list[int] | None = None, source: list[int] | None = None) -> list[int] | None:
         """Prompt tokens ids (B, T) into cache slots start..start+T. When they end the prompts
         (`following` None), returns the first generated token per request (and sets its draft);
-        otherwise `following` holds the prompt token after this chunk, which the MTP module needs."""
+        otherwise `following` holds the prompt token after this chunk, which the MTP module needs.
+        `source`: the row of ids each request's prompt is (prefix reuse: requests may share a row;
+        not with speculation); None: row i is request i."""
         model = self.compute.for_tokens(ids.numel())
         out = model.forward_cached(ids, cache, positions, start=start, attention_mask=attention_mask,
                                    last_only=not self.speculative)
-        firsts = self.pick(reqs, out.logits[:, -1].float()) if following is None else None
+        last = out.logits[:, -1].float()  # (B, V)
+        if source is not None:
+            if self.speculative:
+                raise ValueError("prefix reuse (source) is not supported with speculative decoding")
+            last = last[torch.tensor(source, device=last.device)]  # (len(reqs), V)
+        firsts = self.pick(reqs, last) if following is None else None
         if self.speculative:
             tail = torch.tensor(firsts if following is None else following, device=self.device)
             nxt = torch.cat([ids[:, 1:], tail[:, None]], dim=1)
@@ -210,14 +217,20 @@ class Decoder:
         """logits (n, V) -> one token per request by its own params and generator. Rows with the same
         params share one probabilities() call; rows sharing a generator draw together from it, in row
         order, so what they sample does not depend on the other rows in the batch."""
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = [0] * len(reqs)
+        greedy: list[int] = []
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(reqs):
             p = req.params
-            if not p.greedy:
+            if p.greedy:
+                greedy.append(i)
+            else:
                 groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
+        if greedy:
+            for i, t in zip(greedy, take_rows(logits, greedy).argmax(dim=-1).tolist()):
+                tokens[i] = t
         for (temperature, top_p, top_k), rows in groups.items():
-            probs = probabilities(logits[rows], temperature, top_p, top_k)  # (g, V)
+            probs = probabilities(take_rows(logits, rows), temperature, top_p, top_k)  # (g, V)
             shared: dict[int, list[int]] = {}  # generator -> positions in rows, in row order
             for j, i in enumerate(rows):
                 shared.setdefault(id(reqs[i].generator), []).append(j)
@@ -226,7 +239,7 @@ class Decoder:
                 if len(members) == 1 and len(shared) > 1:  # a request with its own generator
                     tokens[rows[members[0]]] = sample(probs[members[0]], generator)
                 else:  # requests sharing a generator (a batch, a GRPO group): one draw for them all
-                    picks = torch.multinomial(probs[members], 1, generator=generator).squeeze(-1)
+                    picks = torch.multinomial(take_rows(probs, members), 1, generator=generator).squeeze(-1)
                     for j, t in zip(members, picks.tolist()):
                         tokens[rows[j]] = t
         return tokens
@@ -241,3 +254,11 @@ class Decoder:
             else:
                 req.draft_q = probabilities(logits[i], p.temperature, p.top_p, p.top_k)
                 req.draft = sample(req.draft_q, req.generator)
+
+
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] for sorted row indices; a view, not a copy, when they are consecutive (all rows, a GRPO
+    group's samples): the same values either way."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return x[rows[0]:rows[-1] + 1]
+    return x[rows]

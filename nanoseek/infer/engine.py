@@ -41,11 +41,16 @@ class Engine:
     `compute_models`): how the model computes (see `nanoseek.infer.compute`); cast copies are made as
     needed and `model` itself is never changed. None: in the model's own dtype, as it is.
     `precision_plan` says what was chosen.
+
+    prefix_reuse: identical prompts admitted in one step are prefilled once and their cache rows
+    copied to each request (`stats["reused_prompts"]` counts the prefills saved); False prefills
+    every request's prompt (the reference path).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, prefill_chunk: int = 512, eos_ids=None,
-                 precision: str | Precision | InferencePrecision | ComputeModels | None = None):
+                 precision: str | Precision | InferencePrecision | ComputeModels | None = None,
+                 prefix_reuse: bool = True):
         cfg = model.config
         if speculative and (cfg.num_nextn_predict_layers < 1 or not len(model.mtp)):
             raise ConfigError("speculative decoding needs a model with MTP weights (num_nextn_predict_layers >= 1); "
@@ -60,13 +65,14 @@ class Engine:
         self.max_batch = max_batch
         self.max_model_len = int(max_model_len or cfg.max_position_embeddings)
         self.speculative = speculative
+        self.prefix_reuse = prefix_reuse
         self.prefill_chunk = prefill_chunk
         self.eos_ids = tuple(tokenizer.eos_ids if eos_ids is None and tokenizer is not None else eos_ids or ())
         self.n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
         self.max_slots = self.max_model_len + max(16, self.max_model_len // 8)
         self.device, self.dtype = self.model.device, self.model.dtype  # the latent cache's dtype
         self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "drafted": 0, "accepted": 0,
-                      "compactions": 0}
+                      "compactions": 0, "reused_prompts": 0}
         self.admission = Admission(max_batch, prefill_chunk)
         self.slots = Slots(cfg, self.n_layers, max_batch, self.max_slots, self.device, self.dtype, self.stats)
         self.decoder = Decoder(self.compute, speculative, self.stats)
@@ -176,20 +182,37 @@ class Engine:
 
     # ---- prefill --------------------------------------------------------------------------------
     def _prefill_batch(self, reqs: list[Request], outputs: StepOutputs):
-        """Left-padded prefill of whole prompts in a scratch cache, then each joins the batch."""
-        B, P = len(reqs), max(len(r.prompt) for r in reqs)
+        """Left-padded prefill of whole prompts in a scratch cache, then each joins the batch.
+
+        Prefix reuse: identical prompts in the batch (a GRPO group, eval's k samples) are prefilled
+        once; each request samples its first token from its prompt's last logits and joins with a copy
+        of its prompt's cache rows. Not with speculation (the MTP cache's last slot depends on each
+        request's first token)."""
+        prompts, source = self._distinct(reqs)
+        B, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(B, P, dtype=torch.long)
         mask = torch.zeros(B, P, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, P - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, P - len(r.prompt):] = 1
+        for i, prompt in enumerate(prompts):
+            ids[i, P - len(prompt):] = torch.tensor(prompt)
+            mask[i, P - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         padded = not bool(mask.all())
         scratch = self.decoder.scratch(B, P)
-        firsts = self.decoder.prefill(reqs, ids, positions, scratch, 0, mask if padded else None)
-        for i, (req, first) in enumerate(zip(reqs, firsts)):
-            self._started(req, first, scratch.kv[: self.n_layers, i, P - len(req.prompt):P], outputs)
+        shared = source if len(prompts) < len(reqs) else None
+        firsts = self.decoder.prefill(reqs, ids, positions, scratch, 0, mask if padded else None, source=shared)
+        for req, row, first in zip(reqs, source, firsts):
+            self._started(req, first, scratch.kv[: self.n_layers, row, P - len(req.prompt):P], outputs)
+        self.stats["reused_prompts"] += len(reqs) - len(prompts)
+
+    def _distinct(self, reqs: list[Request]) -> tuple[list[list[int]], list[int]]:
+        """The prompts to prefill (each distinct one once, in order of first use) and the prefilled row
+        of each request."""
+        if self.speculative or not self.prefix_reuse:
+            return [r.prompt for r in reqs], list(range(len(reqs)))
+        rows: dict[tuple[int, ...], int] = {}
+        source = [rows.setdefault(tuple(r.prompt), len(rows)) for r in reqs]
+        return [list(p) for p in rows], source
 
     def _prefill_chunk(self, req: Request, budget: int, outputs: StepOutputs) -> int:
         """Prefill the next `budget` prompt tokens of a long prompt in its own cache; returns tokens used."""

@@ -31,7 +31,8 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens: int):
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              eos_token_id: int | list[int] | None = None,
-             generator: torch.Generator | list[torch.Generator] | None = None, precision=None) -> list[list[int]]:
+             generator: torch.Generator | list[torch.Generator] | None = None, precision=None,
+             prefix_reuse: bool = True) -> list[list[int]]:
     """Generate up to max_new_tokens for each prompt (lists of token ids, any lengths).
 
     Returns the generated ids per prompt, ending at (and including) an eos token if one is produced.
@@ -40,7 +41,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     instead: one generator for the batch, or a list with one per prompt; prompts that share one draw
     together from it, so what they sample does not depend on the rest of the batch (GRPO seeds a
     generator per group this way: its rollouts do not depend on how prompts are split over ranks).
-    Runs on `Engine`: one left-padded prefill, then one token per step over the latent cache.
+    Runs on `Engine`: one left-padded prefill, then one token per step over the latent cache. With
+    `prefix_reuse` (default) identical prompts (GRPO's groups, eval's k samples) are prefilled once and
+    their cache copied to each; the tokens drawn are those of prefix_reuse=False, each prompt prefilled
+    for itself (see docs/inference.md, "Prefix reuse").
     precision: auto | fp32 | bf16 (or what `Engine` accepts); None computes in the model's own dtype.
     A precision other than the model's dtype casts a copy of the weights per call (`generate_batches`
     casts once for all its batches).
@@ -50,7 +54,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
     longest = max(len(p) for p in prompts)
     engine = Engine(model, max_batch=len(prompts), max_model_len=longest + max_new_tokens + 1,
-                    prefill_chunk=sum(len(p) for p in prompts), eos_ids=(), precision=precision)
+                    prefill_chunk=sum(len(p) for p in prompts), eos_ids=(), precision=precision,
+                    prefix_reuse=prefix_reuse)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             stop_token_ids=eos)
     if generator is not None and seed is not None:

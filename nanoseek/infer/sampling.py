@@ -75,7 +75,9 @@ class SamplingParams:
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """logits (..., vocab) -> fp32 probabilities after temperature, top_k and top_p (temperature > 0).
     top_p keeps the smallest set of tokens whose probability reaches it."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1.0 is x: GRPO's temperature skips a pass over (rows, vocab)
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
