@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import ConfigError
 from ..model import MoE, RoutedExperts, Transformer, rope_frequencies
+from ..precision import Precision
 
 EP_ENV = "NANOSEEK_EP"  # expert-parallel degree for `torchrun ... -m nanoseek train` (default 1)
 
@@ -65,6 +66,7 @@ class Parallel:
     mesh: DeviceMesh  # ("dp", "ep"), see make_mesh
     device: torch.device
     owns_process_group: bool = False  # init() created it, close() destroys it
+    precision: Precision | None = None  # the run's (RunFolder.resolve_precision sets it): bf16 -> FSDP2 mixed precision
 
     @classmethod
     def init(cls, ep: int | None = None, device: str = "auto", timeout_s: float = 1800) -> "Parallel":
@@ -165,7 +167,7 @@ class Parallel:
 
     # -- the model and the optimizer (loop.SingleProcess has the same methods for one process) ---------
     def parallelize(self, model: Transformer) -> Transformer:
-        return parallelize(model, self.mesh)
+        return parallelize(model, self.mesh, bf16=self.precision is not None and self.precision.is_bf16)
 
     def gather_model(self, model: Transformer, device: str | torch.device = "cpu",
                      everywhere: bool = False) -> Transformer | None:
@@ -275,13 +277,30 @@ def _source_major_to_expert_major(counts: torch.Tensor) -> torch.Tensor:
 
 
 # ---- parallelize ---------------------------------------------------------------------------------
-def parallelize(model: Transformer, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> Transformer:
+# bf16 runs (docs/precision.md): blocks and routed experts are all-gathered in bf16 and their gradients
+# reduced in fp32; the sharded parameters FSDP2 keeps (the master weights AdamW updates) stay fp32.
+# cast_forward_inputs=False: a block's input is the residual stream, which stays fp32 as in one process
+# (autocast casts what each matmul reads; FSDP2 would round the whole stream to bf16 at every block).
+BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False)
+# the router's gate: its own unit, gathered and reduced in fp32 (selection is a discrete choice)
+FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False)
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+                bf16: bool = False) -> Transformer:
     """Apply EP (when the mesh's "ep" dimension is > 1) and FSDP2 to a built model, in place.
 
     mesh: ("dp", "ep") as `make_mesh` builds it, or any 1-D mesh (FSDP only). Every rank must pass the
     same weights (same seed, or the same checkpoint). Units of FSDP: each routed-experts module (over
     "dp", when EP), each block (MTP blocks too), then the root (embedding, final norm, head, MTP
     projections and norms) over all ranks. Returns the model, now holding this rank's shards.
+
+    bf16 (the run's precision is bf16): FSDP2 mixed precision, BF16_POLICY for the blocks and the
+    routed experts, and each MoE gate a unit of its own with FP32_POLICY. The root unit stays fp32
+    (no policy): the embedding's output starts the residual stream, which stays fp32, and a tied
+    head shares its weight. Without bf16, no policy anywhere: fp32 runs are what they were.
     """
     if mesh.mesh_dim_names == ("dp", "ep"):
         ep, fsdp_mesh = mesh["ep"].size(), mesh._flatten("dp_ep")  # all W ranks as one dimension
@@ -293,18 +312,22 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, reshard_after_forward: 
         group, ep_rank = mesh.get_group("ep"), mesh.get_local_rank("ep")
         for moe in model.moe_layers():
             moe.experts = ExpertParallelExperts.from_experts(moe.experts, group, ep_rank, ep)
+    block_policy = {"mp_policy": BF16_POLICY} if bf16 else {}
     # an MTP module's own norms and projection are used outside its block (the head norm is applied by
     # Transformer.mtp_logits): they stay in the root unit, only the block is a unit of its own
     for block in [*model.layers, *(m.block for m in model.mtp)]:
+        if bf16 and isinstance(block.mlp, MoE):
+            fully_shard(block.mlp.gate, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=FP32_POLICY)
         if ep > 1 and isinstance(block.mlp, MoE):
             experts = block.mlp.experts
-            fully_shard(experts, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
+            fully_shard(experts, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward, **block_policy)
             experts.set_gradient_divide_factor(float(mesh.size()))
             if mesh["dp"].size() > 1 and mesh.device_type == "cpu":
                 # gloo has no pre-multiplied sum: a plain sum, then a division. (Not with one rank per
                 # expert group: torch 2.13 would then divide twice.)
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward, **block_policy)
     fully_shard(model, mesh=fsdp_mesh, reshard_after_forward=reshard_after_forward)
     return model
 

@@ -397,6 +397,7 @@ class GRPOTrainer(Algorithm):
         self.run_dir = self.folder.dir
         self.state = {"step": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "rollout_tokens": 0, "update_tokens": 0}
         saved = {}
+        self.precision = self.folder.resolve_precision()  # the forwards' autocast; before parallelize, which reads it
         if self.folder.resumed_from is not None:
             self.model, self.optimizer, saved = self.folder.load(lambda m: build_optimizer(m, recipe), self.device)
             self.state.update({k: saved[k] for k in self.state if k in saved})
@@ -405,7 +406,6 @@ class GRPOTrainer(Algorithm):
                                                          dtype=torch.float32).train())
             self.optimizer = build_optimizer(self.model, recipe)
         set_aux_loss_alpha(self.model, 0.0)  # no balance loss in RL; the bias update is optional
-        self.precision = self.folder.resolve_precision(saved)  # the policy and reference forwards' autocast
         self.model.activation_checkpointing = recipe.activation_checkpointing
         self.reference = None
         if recipe.beta > 0:  # a full copy on every rank: it only runs forwards, free of collectives

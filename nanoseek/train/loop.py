@@ -35,7 +35,7 @@ from ..checkpoint import SHARDED_DIR, consolidate, save_model
 from ..errors import CheckpointError, NanoseekError
 from ..precision import Precision, resolve_precision
 from ..runio import MetricsLogger
-from .common import (copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
+from .common import (STATE_FILE, copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
                      remove_stale_checkpoint_staging, save_checkpoint, update_routing_bias)
 from .sharded import use_sharded
 
@@ -73,6 +73,7 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main = True
+    precision = None  # set by RunFolder.resolve_precision; one process has no FSDP policy to apply
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -189,13 +190,14 @@ class RunFolder:
         self.sharded = use_sharded(recipe.checkpoint_format, parallel.world_size)
         self.saved: tuple[int, Path] | None = None  # (step, folder) of this run's last checkpoint
 
-    def resolve_precision(self, saved: dict | None = None) -> Precision:
+    def resolve_precision(self) -> Precision:
         """The precision the run computes in (printed by rank 0, recorded in recipe.json, the summary
         and every checkpoint): recipe.precision resolved on the device (docs/precision.md), the same on
         every rank (fp32 unless all ranks choose bf16). A resumed run keeps the precision its checkpoint
-        `saved` ran in: `auto` takes it, an explicit other one is refused (the resumed losses would no
-        longer continue the run's)."""
-        asked, before = self.recipe.precision, (saved or {}).get("precision")
+        ran in: `auto` takes it, an explicit other one is refused (the resumed losses would no longer
+        continue the run's). Call it before the model is built or loaded: it sets parallel.precision,
+        which parallelize reads (bf16: FSDP2 mixed precision, see distributed.parallelize)."""
+        asked, before = self.recipe.precision, self._resumed_precision()
         if before is not None and asked == "auto":
             prec = Precision(before, f"resumed: {self.resumed_from.name} ran in {before}", auto=True)
         elif before is not None and asked != before:
@@ -205,10 +207,21 @@ class RunFolder:
             prec = resolve_precision(asked, self.parallel.device)
             if self.parallel.any(not prec.is_bf16) and prec.is_bf16:
                 prec = Precision("fp32", "another rank chose fp32", auto=prec.auto)
-        self.precision = prec
+        self.precision = self.parallel.precision = prec
         if self.parallel.is_main:
             print(f"precision: {prec.describe()}", flush=True)
         return prec
+
+    def _resumed_precision(self) -> str | None:
+        """The precision recorded in the trainer state of the checkpoint to resume from (None for a new
+        run, or a checkpoint that does not say or does not read: load then names what is wrong). A run
+        records one precision in all its checkpoints, so also the one load may fall back to has it."""
+        if self.resumed_from is None:
+            return None
+        try:
+            return json.loads((self.resumed_from / STATE_FILE).read_text()).get("precision")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def load(self, optimizer_for, device) -> tuple:
         """Model, optimizer and state of the checkpoint to resume from (the newest that loads: see
@@ -216,6 +229,9 @@ class RunFolder:
         self.resumed_from, model, optimizer, state = load_latest_checkpoint(self.dir, optimizer_for, device,
                                                                             parallel=self.parallel)
         self.check_resume(state)
+        if self.precision is not None and state.get("precision", self.precision.name) != self.precision.name:
+            raise self.error(f"cannot resume from {self.resumed_from}: it ran in {state['precision']}, "
+                             f"the run resolved {self.precision.name} from the newest checkpoint")
         return model, optimizer, state
 
     def check_resume(self, state: dict) -> None:

@@ -77,6 +77,7 @@ class Pretrainer(Algorithm):
         self.folder = RunFolder(recipe, parallel, recipe.tokenizer)
         self.state = {"step": 0, "tokens": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0}
         saved = {}
+        self.precision = self.folder.resolve_precision()  # before the model: parallelize reads it
         if self.folder.resumed_from is not None:
             self.model, self.optimizer, saved = self.folder.load(lambda m: build_optimizer(m, recipe),
                                                                  parallel.device)
@@ -85,7 +86,6 @@ class Pretrainer(Algorithm):
             self.model = parallel.parallelize(build_model(recipe, parallel.device))
             self.optimizer = build_optimizer(self.model, recipe)
         set_aux_loss_alpha(self.model, recipe.aux_loss_alpha)
-        self.precision = self.folder.resolve_precision(saved)
         self.model.activation_checkpointing = recipe.activation_checkpointing
         if recipe.compile:
             self.model.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
