@@ -18,7 +18,7 @@ import torch
 
 from test_distributed import SMALL_MODEL, base_recipe, metrics, torchrun, train_cli, train_here
 
-LOSS_REL_TOL = 0.02  # bf16 under 2 processes vs 1 process, relative per-step loss; seen <= 2.2e-3
+LOSS_REL_TOL = 2e-3  # bf16 under 2 processes vs 1 process, relative per-step loss; seen <= 3.9e-5
 LOGITS_TOL = 0.02    # parallelized vs plain model's logits under bf16 autocast; seen <= 3.9e-3
 
 
