@@ -54,7 +54,7 @@ def test_auto_on_a_cpu_with_fast_bf16_splits_forwards_by_size(bf16_fast):
     assert plan.name == "fp32+bf16"
     assert f"below {AUTO_BF16_MIN_TOKENS} tokens per forward, bf16 from {AUTO_BF16_MIN_TOKENS}" in plan.describe()
     # a Precision resolved elsewhere (a recipe's) maps the same way
-    assert inference_precision(Precision("bf16", "auto: NANOSEEK_BF16=1")) == plan
+    assert inference_precision(Precision("bf16", "auto: NANOSEEK_BF16=1", auto=True)) == plan
     assert inference_precision(Precision("bf16", "requested")).weights == torch.bfloat16
 
 
