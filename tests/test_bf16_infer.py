@@ -222,3 +222,17 @@ def test_eval_records_its_precision(tiny_task_model, capsys):
                  "--max-new-tokens", "3", "--precision", "bf16", "--json"]) == 0
     captured = capsys.readouterr()
     assert '"precision": "bf16"' in captured.out and "precision: bf16 (requested)" in captured.err
+
+
+def test_bf16_experts_on_a_cpu_take_grouped_mm_without_gradients_only():
+    """Inference (no gradients) runs bf16 experts through torch._grouped_mm's forward (the faster one
+    for prefill); training keeps the per-expert loop, whose backward is the faster one."""
+    from nanoseek.model.moe import grouped_mm_works, use_grouped_mm
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    if not grouped_mm_works(x):
+        pytest.skip("torch._grouped_mm does not run in bf16 on this CPU")
+    with torch.no_grad():
+        assert use_grouped_mm(x)
+    with torch.inference_mode():
+        assert use_grouped_mm(x)
+    assert not use_grouped_mm(x)  # gradients on: the loop

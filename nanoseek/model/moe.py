@@ -121,9 +121,11 @@ def use_grouped_mm(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the experts take torch._grouped_mm for x's device and `dtype` (default x's): where it
     runs (`grouped_mm_works`), except bf16 on a CPU: there the per-expert loop's bf16 matmuls (oneDNN,
     AMX) measured faster than _grouped_mm's CPU bf16 kernel, whose weight gradient over uneven groups
-    is the slow part (bench-8m training step, interleaved: 1.5x the loop's time)."""
+    is the slow part (bench-8m training step, interleaved: 1.5x the loop's time). Without gradients
+    (inference) _grouped_mm's bf16 forward is the faster one (bench-192m prefill of 256 tokens through
+    a bf16 copy: 1.45x fp32 with it, 0.94x with the loop; bench/perf.py --only-bf16-inference)."""
     dtype = dtype or x.dtype
-    if x.device.type == "cpu" and dtype == torch.bfloat16:
+    if x.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
         return False
     return grouped_mm_works(x, dtype)
 
