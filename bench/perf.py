@@ -453,32 +453,22 @@ def main():
     ap.add_argument("--rollouts", action="store_true",
                     help="only the GRPO rollout rows (bench/rollouts.py) on the demo's model and --configs")
     args = ap.parse_args()
-    if args.rollouts:
-        results = bench_rollout_rows(args.configs, args.quick)
-        out = Path(args.out).with_name("perf_rollouts.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": torch.get_num_threads()},
-                                   "results": results}, indent=2))
-        print(f"wrote {out}")
-        return
-    if args.train_precision:
-        results = [bench_train_precision(name, args.quick) for name in args.configs]
-        print_train_precision(results)
-        out = Path(args.out).with_name("perf_train_precision.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": torch.get_num_threads()},
-                                   "results": results}, indent=2))
-        print(f"wrote {out}")
-        return
-    if args.only_bf16_inference:
-        results = [bench_bf16_only(name, args.quick) for name in args.configs]
-        print_bf16_table(results)
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-        out = Path(args.out).with_name("perf_bf16_inference.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        print(f"wrote {out}")
-        return
+    only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick), None),
+            (args.train_precision, "perf_train_precision.json",
+             lambda: [bench_train_precision(name, args.quick) for name in args.configs], print_train_precision),
+            (args.only_bf16_inference, "perf_bf16_inference.json",
+             lambda: [bench_bf16_only(name, args.quick) for name in args.configs], print_bf16_table)]
+    for chosen, file_name, run, show in only:
+        if chosen:  # one group of rows only: its own JSON beside perf.json
+            results = run()
+            if show:
+                show(results)
+            meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            out = Path(args.out).with_name(file_name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            print(f"wrote {out}")
+            return
     peak = matmul_peak()
     results = [bench_config(name, args.quick, peak) for name in args.configs]
     for res in results:
