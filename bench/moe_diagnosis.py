@@ -239,14 +239,19 @@ class _Single:
         return values
 
 
+def parity_recipe(work: Path, s: DemoSettings, steps: int):
+    """(vocabulary size, recipe) of the parity runs: the demo's data and SFT recipe for `steps` steps, with
+    MTP and the aux loss off (transformers has neither) and no MTP module."""
+    _, tok_dir, data_dir, vocab = prepare_data(work / "data", s, get_task(s.task))
+    return vocab, replace(base_recipe(s, data_dir, tok_dir), max_steps=steps, mtp_loss_weight=0.0, aux_loss_alpha=0.0,
+                        model=dict(model_overrides(vocab), num_nextn_predict_layers=0))
+
+
 def parity(work: Path, s: DemoSettings, steps: int) -> dict:
     """nanoseek against transformers' DeepseekV3ForCausalLM: same weights, batches and step (MTP and
     aux loss off, the bias update on for both, computed from each model's own routing choices)."""
     import transformers
-    task = get_task(s.task)
-    tok, tok_dir, data_dir, vocab = prepare_data(work / "data", s, task)
-    recipe = replace(base_recipe(s, data_dir, tok_dir), max_steps=steps, mtp_loss_weight=0.0, aux_loss_alpha=0.0,
-                     model=dict(model_overrides(vocab), num_nextn_predict_layers=0))
+    vocab, recipe = parity_recipe(work, s, steps)
     torch.manual_seed(s.seed)
     ours = build_model(recipe, torch.device("cpu")).train()
     folder = work / "parity_init"
@@ -297,10 +302,7 @@ def rounding_noise(work: Path, s: DemoSettings, steps: int, rel: float = 1e-7) -
     a relative `rel` (rounding size), the same batches and step as `parity`. Training with top-k routing
     (and the sign-based bias update) is chaotic: a rounding difference flips a routing choice, and the
     curves part. Writes WORK/rounding_noise.json."""
-    task = get_task(s.task)
-    tok, tok_dir, data_dir, vocab = prepare_data(work / "data", s, task)
-    recipe = replace(base_recipe(s, data_dir, tok_dir), max_steps=steps, mtp_loss_weight=0.0, aux_loss_alpha=0.0,
-                     model=dict(model_overrides(vocab), num_nextn_predict_layers=0))
+    vocab, recipe = parity_recipe(work, s, steps)
     torch.manual_seed(s.seed)
     model = build_model(recipe, torch.device("cpu")).train()
     gen = torch.Generator().manual_seed(1)

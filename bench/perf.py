@@ -101,13 +101,20 @@ def dense_twin(model: Transformer) -> Transformer:
     return twin
 
 
-def build(name: str, folder: Path):
-    cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
+def random_model(cfg: ModelConfig) -> Transformer:
+    """cfg's model with seed-0 random weights and a random routing bias (so the bias path counts)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+def build(name: str | ModelConfig, folder: Path):
+    """A preset's (or a config's) random model, without MTP, and transformers' copy of it (via `folder`)."""
+    cfg = name if isinstance(name, ModelConfig) else ModelConfig.preset(name, num_nextn_predict_layers=0)
+    model = random_model(cfg)
     save_model(model, folder)
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -273,11 +280,7 @@ BF16_RATIOS = [
 def bench_bf16_only(name: str, quick: bool) -> dict:
     """Only the bf16 inference rows of config `name` (no transformers, no training)."""
     cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    model = random_model(cfg).eval()
     batch = torch.randint(0, cfg.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
     rows: dict = {}
     res = {"config": name, **bf16_inference_rows(model, batch, quick, rows), "rows": rows}

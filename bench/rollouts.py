@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nanoseek import ModelConfig, Transformer, generate, save_model  # noqa: E402
+from nanoseek import ModelConfig, Transformer, generate  # noqa: E402
 from nanoseek.demo import DemoSettings, model_overrides  # noqa: E402
+from perf import build as build_pair  # noqa: E402  (a random model and transformers' copy of it)
 
 warnings.simplefilter("ignore")
 
@@ -46,15 +48,8 @@ def build(name: str, folder: Path):
         cfg = ModelConfig.preset("tiny", **{**model_overrides(DemoSettings.vocab_size), "num_nextn_predict_layers": 0})
     else:
         cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    save_model(model, folder)
-    import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, hf
+    model, hf = build_pair(cfg, folder)
+    return model.eval(), hf.eval()
 
 
 def rollout_fns(model: Transformer, hf, prompts: list[list[int]], group: int, new: int) -> dict:
