@@ -35,6 +35,9 @@ from .train import TrainRecipe, train
 from .train.grpo import GRPORecipe, grpo
 
 
+DEMO_SEEDS = 3  # the main job's seeds: its verdicts pair MoE with dense and GRPO with its control per seed
+
+
 @dataclass
 class DemoSettings:
     task: str = "addition3"
@@ -42,8 +45,8 @@ class DemoSettings:
     train_problems: int = 1000
     eval_problems: int = 500
     vocab_size: int = 263  # byte-level, no merges: every digit is its own token (arithmetic needs that)
-    sft_steps: int = 600
-    grpo_steps: int = 60
+    sft_steps: int = 400  # with grpo_steps, sized so that three seeds fit make demo's 15 minutes on 2 cores
+    grpo_steps: int = 40
     prompts_per_step: int = 16
     group_size: int = 8
     batch_size: int = 32
@@ -141,31 +144,38 @@ def _run_all(run: Path, s: DemoSettings, progress: bool, workers: list, t_start:
     task = get_task(s.task)
     torch.manual_seed(s.seed)
 
+    cpu = CpuClock()
     tok, tok_dir, data_dir, vocab = prepare_data(run, s, task, progress)
     base = base_recipe(s, data_dir, tok_dir, progress)
+    cpu.lap("data")
 
     _stage(f"3/8 SFT of a tiny MoE on the traces ({s.sft_steps} steps)", progress)
     sft = _train_stage(replace(base, out=str(run / "sft"), max_steps=s.sft_steps,
                                model=model_overrides(vocab)))
+    cpu.lap("sft")
 
     _stage(f"4/8 GRPO from the SFT model ({s.grpo_steps} steps)", progress)
     grpo = _grpo_stage(run, sft, tok_dir, s, progress)
+    cpu.lap("grpo")
 
     _stage("5/8 control: equal compute spent on more SFT", progress)
     extra = _control_steps(run, s)
     control = _train_stage(replace(base, out=str(run / "control"), init_from=str(sft), preset=None,
                                    max_steps=extra, warmup_steps=0,
                                    eval_every=max(extra // 2, 1), save_every=max(extra // 2, 1)))
+    cpu.lap("control")
 
     _stage(f"6/8 dense model of equal activated parameters ({s.sft_steps} steps)", progress)
     dense = _train_stage(replace(base, out=str(run / "dense"), max_steps=s.sft_steps, model=dense_overrides(vocab),
                                  bias_update_speed=0.0, aux_loss_alpha=0.0))
+    cpu.lap("dense")
 
     _stage(f"7/8 held-out evaluation ({s.eval_problems} problems each, greedy)", progress)
     accuracy = {}
     for label, folder in (("SFT (before RL)", sft), ("SFT + GRPO", grpo), ("SFT + more SFT (control)", control),
                           ("dense SFT", dense)):
         accuracy[label] = _evaluate(run, label, folder, tok, task, s, progress)
+    cpu.lap("eval")
 
     _stage("8/8 report card", progress)
     final = run / "model"
@@ -173,12 +183,28 @@ def _run_all(run: Path, s: DemoSettings, progress: bool, workers: list, t_start:
         shutil.rmtree(final)
     shutil.copytree(grpo, final)
     results = _results(run, s, sft, grpo, control, dense, accuracy, t_start)
+    results["cpu_seconds"] = cpu.laps  # this process's CPU time per stage (a stage skipped on resume: ~0)
     results["per_seed"] = [_seed_row(results)] + _join_seeds(run, workers)
     results["verdicts"] = verdicts(results["per_seed"])
+    results["seed_cpu_seconds"] = [r["cpu_seconds"] for r in results["per_seed"]]
     results["wall_seconds"] = time.perf_counter() - t_start
     (run / "results.json").write_text(json.dumps(results, indent=2))
     results["report"] = str(render(run))
     return results
+
+
+class CpuClock:
+    """CPU seconds of this process per stage (time.process_time: what a seed costs on a shared machine,
+    where wall time depends on the other seeds and jobs)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.laps[name] = round(now - self._last, 1)
+        self._last = now
 
 
 def _train_stage(recipe: TrainRecipe) -> Path:
@@ -310,7 +336,8 @@ def _seed_row(results: dict, folder: Path | str = ".") -> dict:
     acc = {k: v["accuracy"] for k, v in results["accuracy"].items()}
     mvd = results["moe_vs_dense"]
     return {"seed": results["seed"], "folder": str(folder), "accuracy": acc, "n": results["accuracy"]["SFT + GRPO"]["n"],
-            "moe_val_loss": mvd["moe"]["val_loss"], "dense_val_loss": mvd["dense"]["val_loss"]}
+            "moe_val_loss": mvd["moe"]["val_loss"], "dense_val_loss": mvd["dense"]["val_loss"],
+            "cpu_seconds": round(sum(results.get("cpu_seconds", {}).values()), 1)}
 
 
 # (claim, the two quantities compared as a - b, lower is better?, what the papers claim)

@@ -19,6 +19,9 @@ def test_quick_demo_two_seeds_end_to_end_resume_and_determinism(tmp_path, capsys
     run = tmp_path / "demo"
     results = run_demo(run, settings, progress=False, seeds=2)
     assert set(results["accuracy"]) == {"SFT (before RL)", "SFT + GRPO", "SFT + more SFT (control)", "dense SFT"}
+    # what each stage cost this process in CPU seconds (the budget of a seed on a shared machine)
+    assert list(results["cpu_seconds"]) == ["data", "sft", "grpo", "control", "dense", "eval"]
+    assert results["cpu_seconds"]["sft"] > 0
     for r in results["accuracy"].values():
         assert -1e-9 <= r["ci_low"] <= r["accuracy"] + 1e-9 and r["accuracy"] <= r["ci_high"] + 1e-9 <= 1 + 2e-9
         assert r["n"] == 24
@@ -39,7 +42,7 @@ def test_quick_demo_two_seeds_end_to_end_resume_and_determinism(tmp_path, capsys
     assert report.index("## What this run shows") < report.index("## Model")
     for section in ("## Model", "## Training", "## Held-out accuracy", "## MoE versus dense", "## Cost"):
         assert section in report
-    assert "seeds/seed-1" in report
+    assert "seeds/seed-1" in report and "CPU-seconds" in report
     for png in ("loss.png", "expert_load.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     model = load_model(run / "model")
@@ -94,3 +97,20 @@ def test_verdicts_hold_reverse_or_stay_unresolved():
     one = {x["key"]: x for x in verdicts(rows[:1])}
     assert one["grpo_vs_sft"]["low"] is not None and one["moe_vs_dense_loss"]["low"] is None
     assert "one seed" in one["grpo_vs_sft"]["basis"]
+
+
+def test_demo_defaults_to_three_seeds_and_quick_to_one():
+    """The main job's verdicts need seeds: `nanoseek demo` runs DEMO_SEEDS (3) unless told otherwise;
+    --quick (a smoke run) one; --seeds 0 is refused in one line."""
+    import argparse
+
+    from nanoseek.commands.report import _demo_arguments, demo_seeds
+    from nanoseek.demo import DEMO_SEEDS
+    from nanoseek.errors import ConfigError
+
+    p = argparse.ArgumentParser()
+    _demo_arguments(p)
+    assert DEMO_SEEDS == 3 and demo_seeds(p.parse_args([])) == 3
+    assert demo_seeds(p.parse_args(["--quick"])) == 1 and demo_seeds(p.parse_args(["--quick", "--seeds", "2"])) == 2
+    with pytest.raises(ConfigError, match="--seeds"):
+        demo_seeds(p.parse_args(["--seeds", "0"]))

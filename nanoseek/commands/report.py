@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import EXIT_OK, command
-from ..demo import DemoSettings, run_demo
+from ..demo import DEMO_SEEDS, DemoSettings, run_demo
 from ..errors import ConfigError, DataError
 from ..eval.report import render
 
@@ -16,10 +16,18 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a one-minute version (what the tests run)")
     p.add_argument("--task", default=None, help="reasoning task (default addition3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="also run seeds seed+1 .. seed+N-1 in parallel processes (RUN/seeds/); the report "
-                        "card's verdicts pair the models per seed (default 1)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="seeds seed .. seed+N-1, run in parallel one-thread processes (RUN/seeds/); the report "
+                        f"card's verdicts pair the models per seed (default {DEMO_SEEDS}; with --quick 1)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def demo_seeds(args: argparse.Namespace) -> int:
+    """--seeds, defaulting to DEMO_SEEDS for the full demo (its verdicts need seeds) and to 1 for --quick."""
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else DEMO_SEEDS)
+    if seeds < 1:
+        raise ConfigError(f"invalid --seeds: must be >= 1 (got {seeds})")
+    return seeds
 
 
 @command("demo", "train a tiny MoE reasoner end to end (SFT, GRPO, evaluation), write a report card",
@@ -29,9 +37,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.task:
         kw["task"] = args.task
     settings = DemoSettings.quick(**kw) if args.quick else DemoSettings(**kw)
-    if args.seeds < 1:
-        raise ConfigError(f"invalid --seeds: must be >= 1 (got {args.seeds})")
-    results = run_demo(args.out, settings, progress=not args.no_progress, seeds=args.seeds)
+    seeds = demo_seeds(args)
+    results = run_demo(args.out, settings, progress=not args.no_progress, seeds=seeds)
     acc = results["accuracy"]
     print(f"\nnanoseek demo finished in {results['wall_seconds'] / 60:.1f} min ({settings.task}).")
     for label, r in acc.items():

@@ -248,6 +248,14 @@ def _signed(x: float, percent: bool) -> str:
     return f"{100 * x:+.1f}" if percent else f"{x:+.4f}"
 
 
+def _seed_cost(results: dict) -> str:
+    cpu = [c for c in results.get("seed_cpu_seconds", []) if c]
+    if not cpu:
+        return ""
+    return (f" A seed cost {min(cpu):.0f} CPU-seconds" if len(cpu) == 1 else
+            f" A seed cost {min(cpu):.0f}-{max(cpu):.0f} CPU-seconds") + " (results.json: cpu_seconds per stage)."
+
+
 def verdict_lines(results: dict) -> list[str]:
     """"What this run shows": each claim, its evidence (the paired differences per seed, their mean and
     95% interval, the seeds' folders) and the verdict, then the caveats."""
@@ -277,7 +285,8 @@ def verdict_lines(results: dict) -> list[str]:
     lines += ["", f"Intervals: {'; '.join(bases)}."
               + (" `nanoseek demo --seeds 3` pairs the claims over seeds." if len(seeds) == 1 else ""),
               "", "Each seed's figures are in its run folder's results.json"
-              + (f" (this folder for seed {seeds[0]}; {', '.join(folders)} for the others)." if folders else "."),
+              + (f" (this folder for seed {seeds[0]}; {', '.join(folders)} for the others)." if folders else ".")
+              + _seed_cost(results),
               "", "Caveats:",
               "- The MoE-versus-dense claim of the DeepSeekMoE papers is about language-model loss on text "
               f"seen about once, at equal activated parameters and tokens. This run's SFT makes ~{passes:.0f} "
