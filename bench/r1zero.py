@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from nanoseek import load_model  # noqa: E402
 from nanoseek.eval import fmt_metric  # noqa: E402
+from nanoseek.eval.report import paired_interval  # noqa: E402
 from nanoseek.eval.tasks import evaluate_task  # noqa: E402
 from nanoseek.tasks import get_task, prepare_cold_start  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
@@ -217,14 +218,27 @@ def table(runs: list[dict], k: int) -> str:
 
 
 def mean_row(runs: list[dict]) -> str:
-    """Mean greedy test accuracy over seeds, per budget, and GRPO minus control."""
+    """Mean greedy test accuracy over seeds, per budget, and GRPO minus control paired by seed, with its
+    95% t interval over the seeds (nanoseek.eval.report.paired_interval; none for one seed)."""
+    def acc(name):
+        return [100 * r["results"][name]["greedy_accuracy"]["value"] for r in runs]
+
     def mean(name):
-        return 100 * sum(r["results"][name]["greedy_accuracy"]["value"] for r in runs) / len(runs)
-    lines = [f"mean greedy test accuracy over {len(runs)} seed(s): after cold-start SFT {mean('before'):.1f}%"]
+        return sum(acc(name)) / len(runs)
+
+    def diff(a, b):
+        ci = paired_interval(acc(a), acc(b))
+        iv = f" [{ci['low']:+.1f}, {ci['high']:+.1f}]" if ci["low"] is not None else ""
+        per = " / ".join(f"{d:+.1f}" for d in ci["diffs"])
+        return f"{ci['mean']:+.1f} points{iv}; per seed {per}"
+
+    lines = [f"mean greedy test accuracy over {len(runs)} seed(s): after cold-start SFT {mean('before'):.1f}%"
+             + (" (differences: mean, 95% t interval over the seeds paired by seed)" if len(runs) > 1 else "")]
     for leg in runs[0]["legs"]:
         b = f"{leg['budget']:g}"
         g, c = mean(f"grpo@{b}"), mean(f"control@{b}")
-        line = f"- {b} CPU-s: GRPO {g:.1f}%, SFT control {c:.1f}% (GRPO - control = {g - c:+.1f} points)"
+        line = (f"- {b} CPU-s: GRPO {g:.1f}%, SFT control {c:.1f}%; GRPO - control = {diff(f'grpo@{b}', f'control@{b}')}"
+                f"; GRPO - before = {diff(f'grpo@{b}', 'before')}")
         if all(f"annealed@{b}" in r["results"] for r in runs):
             a = mean(f"annealed@{b}")
             line += f", annealed SFT control {a:.1f}% (GRPO - annealed = {g - a:+.1f} points)"
