@@ -456,7 +456,9 @@ def report(work: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the demo's)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the demo's; the "
+                   "tables in docs/moe_vs_dense.md section 1 used the earlier demo's --steps 600 --batch-size 32)")
     p.add_argument("--variants", default="moe,moe_no_bias,moe_no_aux,moe_no_mtp,dense")
     p.add_argument("--parity-steps", type=int, default=0, help="also run the transformers parity (0: skip)")
     p.add_argument("--log-every", type=int, default=25)
@@ -467,6 +469,8 @@ def main() -> None:
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     s = DemoSettings(seed=a.seed)
+    s = replace(s, batch_size=a.batch_size or s.batch_size, sft_steps=a.steps or s.sft_steps)
+    a.steps = s.sft_steps
     if not a.report:
         for name in filter(None, a.variants.split(",")):
             if name not in VARIANTS:
