@@ -19,7 +19,7 @@ from nanoseek.cli import main
 from nanoseek.errors import ConfigError
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer import quant
-from nanoseek.infer.compute import compute_models, inference_precision
+from nanoseek.infer.compute import inference_precision
 from nanoseek.infer.quant import (KERNEL_ENV, Int8Linear, Int8RoutedExperts, dequantize, int8_copy, int8_kernel,
                                   int8_matmul, int8pack_works, is_quantized, quantize_int8, quantize_rows,
                                   reference_matmul)
