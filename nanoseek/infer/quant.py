@@ -164,8 +164,8 @@ def int8pack_fits(q: torch.Tensor) -> bool:
 
 def aligned_bf16(x: torch.Tensor) -> torch.Tensor:
     """x as a contiguous bf16 tensor whose data starts on a 64-byte boundary (the kernel's loads)."""
-    x = x.to(torch.bfloat16).contiguous()
-    return x if x.data_ptr() % 64 == 0 else x.clone()
+    x = x.to(torch.bfloat16)
+    return x if x.data_ptr() % 64 == 0 and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 class Int8Linear(nn.Module):
@@ -178,10 +178,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("scale_bf16", scale.bfloat16(), persistent=False)  # the kernel's scales
         self.bias = linear.bias
+        self._fast = None  # int8pack runs this weight (decided on the first forward, again after _apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x, self.q, self.scale, self.scale_bf16)
+        K = x.shape[-1]
+        if self._fast is None:
+            self._fast = int8_kernel(x.device).name == "int8pack" and int8pack_fits(self.q)
+        if self._fast and x.numel() <= INT8PACK_MAX_ROWS * K:  # decoding: 5 ops, as lean as it gets
+            out = torch._weight_int8pack_mm(aligned_bf16(x).view(-1, K), self.q, self.scale_bf16)
+            out = out.view(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            out = int8_matmul(x, self.q, self.scale, self.scale_bf16)
         return out if self.bias is None else out + self.bias
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None
+        return super()._apply(fn, recurse)
 
 
 class Int8RoutedExperts(RoutedExperts):
@@ -238,8 +250,11 @@ class Int8RoutedExperts(RoutedExperts):
         return y
 
     def _int8pack_fits(self, x: torch.Tensor) -> bool:
-        return (int8_kernel(x.device).name == "int8pack" and int8pack_fits(self.gate_up_q[0])
-                and int8pack_fits(self.down_q[0]))
+        """Whether int8pack runs these experts (decided on first use, again after _apply)."""
+        if getattr(self, "_fast", None) is None:
+            self._fast = (int8_kernel(x.device).name == "int8pack" and int8pack_fits(self.gate_up_q[0])
+                          and int8pack_fits(self.down_q[0]))
+        return self._fast
 
     def _views(self) -> tuple:
         """Per-expert views of the int8 weights and bf16 scales (lists: no indexing op per call),
@@ -250,7 +265,7 @@ class Int8RoutedExperts(RoutedExperts):
         return self._expert_views
 
     def _apply(self, fn, recurse=True):
-        self._expert_views = None
+        self._expert_views = self._fast = None
         return super()._apply(fn, recurse)
 
 
