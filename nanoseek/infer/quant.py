@@ -225,9 +225,22 @@ class Int8RoutedExperts(RoutedExperts):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         x_sorted = x.index_select(0, order // k)
-        outs = [self.expert(block, e) for e, block in enumerate(x_sorted.split(counts)) if block.shape[0]]
+        if self._int8pack_fits(x):  # bf16 once; each expert's block of rows stays 32-byte aligned (D % 16 == 0)
+            pairs = zip(aligned_bf16(x_sorted).split(counts), x_sorted.split(counts))
+            outs = [self._fast_expert(b16, e) if len(b16) <= INT8PACK_MAX_ROWS
+                    else self.expert(b32, e, out_dtype=torch.bfloat16)  # many rows: the dense GEMM in x's dtype
+                    for e, (b16, b32) in enumerate(pairs) if len(b16)]
+        else:
+            outs = [self.expert(block, e) for e, block in enumerate(x_sorted.split(counts)) if block.shape[0]]
         out = torch.cat(outs).index_select(0, order.argsort()).view(N, k, -1)
-        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _fast_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on bf16 rows x (R <= INT8PACK_MAX_ROWS, D), 32-byte aligned -> (R, D) bf16: two calls."""
+        I = self.intermediate_size
+        gate_up, gate_up_s, down, down_s = self._views()
+        h = torch._weight_int8pack_mm(x, gate_up[e], gate_up_s[e])  # (R, 2I)
+        return torch._weight_int8pack_mm(F.silu(h[:, :I]) * h[:, I:], down[e], down_s[e])
 
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one or two tokens: each (token, expert) pair on its own, accumulated into the output
@@ -239,14 +252,11 @@ class Int8RoutedExperts(RoutedExperts):
                 for e, w in zip(chosen, ws):
                     y[n:n + 1].add_(self.expert(x[n:n + 1], e), alpha=w)
             return y
-        I = self.intermediate_size
-        gate_up, gate_up_s, down, down_s = self._views()
         xb = aligned_bf16(x)  # rows of D % 16 == 0 bf16 values: each row 32-byte aligned too
         for n, (chosen, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
             xn, yn = xb[n:n + 1], y[n:n + 1]
             for e, w in zip(chosen, ws):
-                h = torch._weight_int8pack_mm(xn, gate_up[e], gate_up_s[e])  # (1, 2I) bf16
-                yn.add_(torch._weight_int8pack_mm(F.silu(h[:, :I]) * h[:, I:], down[e], down_s[e]), alpha=w)
+                yn.add_(self._fast_expert(xn, e), alpha=w)
         return y
 
     def _int8pack_fits(self, x: torch.Tensor) -> bool:
