@@ -117,15 +117,16 @@ def test_a_broken_kernel_is_never_chosen(monkeypatch):
 
 
 def test_int8_experts_equal_the_dequantized_experts(kernel):
-    """One or two tokens take the pair-by-pair path, more the sorted loop: both compute the experts
-    with the dequantized weights (to the kernel's bf16 activations)."""
+    """One or two tokens take the pair-by-pair path, more the sorted loop (blocks of over 16 rows: the
+    dequantizing path): all compute the experts with the dequantized weights (to the kernel's bf16
+    activations)."""
     experts = random_experts(8, 32, 16, seed=4)
     q = Int8RoutedExperts(experts)
     with torch.no_grad():  # the float model with the int8 model's (dequantized) weights
         experts.gate_up.copy_(dequantize(q.gate_up_q, q.gate_up_scale))
         experts.down.copy_(dequantize(q.down_q, q.down_scale))
     tol = 0.03 if kernel == "int8pack" else 1e-4
-    for N in (1, 2, 5):
+    for N in (1, 2, 5, 64):
         x = torch.randn(N, 32)
         idx = torch.stack([torch.randperm(8)[:3] for _ in range(N)])
         w = torch.rand(N, 3)
