@@ -8,9 +8,12 @@ fp32's bytes. The kernel is torch's weight-only `torch._weight_int8pack_mm(x_bf1
 scales_bf16 (N,))`: activations go to bf16 for it (the weights' rounding dominates the error anyway), its
 output comes back to fp32. With fp32 activations the same kernel runs 8-20x slower than fp32 on an
 AMX Xeon (the "2-8x slower" this file once claimed was that); with bf16 activations it ran
-1.6-2.2x fp32's GEMV on 1024-8192-wide matrices (2 threads; docs/inference.md has the model-level
-numbers). For rows beyond INT8PACK_MAX_ROWS (prefill) the weights are dequantized per call and the
-matmul runs in the activations' dtype, where the dense GEMM wins.
+1.6-2.2x fp32's GEMV on 1024-8192-wide matrices (2 threads), and this module's probe measured
+2.2-2.8x on a 2048 x 1024 GEMV (1 and 2 threads, a loaded machine). A decoded token is ~1,100 small
+ops on bench-192m, and each int8 matmul adds two casts and two views to fp32's one op, so the model
+gains less than the GEMV (docs/inference.md has the model-level numbers). For rows beyond
+INT8PACK_MAX_ROWS (prefill) the weights are dequantized per call and the matmul runs in the
+activations' dtype, where the dense GEMM wins.
 
 Which kernel runs is chosen by a short probe, cached with the matmul probe (`nanoseek.precision.
 cached_probe`): int8pack where it computes correctly and beats the dequantizing path on a GEMV; else
