@@ -16,6 +16,12 @@ and writes bench/results/perf.json.
 DeepseekV3 in fp32 and under the same autocast, interleaved step by step on one model each (the weights
 drift, the timing does not care); writes bench/results/perf_train_precision.json.
     .venv/bin/python bench/perf.py --rollouts [--configs bench-8m]    # GRPO rollouts, bench/rollouts.py
+    .venv/bin/python bench/perf.py --only-int8 [--configs ...]        # int8 against fp32 inference only
+
+--only-int8: greedy decode at batch 1 and 8 and prefill 256 with fp32 weights and with --quantize int8
+(`int8_inference_rows`), interleaved, the ratios, and the int8 logits' error against fp32 (max and
+mean abs over 256 positions, teacher-forced argmax agreement, greedy tokens agreeing over 64 new);
+writes bench/results/perf_int8_inference.json.
 """
 
 from __future__ import annotations
@@ -37,8 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
 from nanoseek import ModelConfig, Transformer, generate, save_model  # noqa: E402
-from nanoseek.infer.compute import compute_models  # noqa: E402
-from nanoseek.infer.quant import quantize_int8  # noqa: E402
+from nanoseek.infer.compute import compute_models, inference_precision  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
 from nanoseek.precision import Precision  # noqa: E402
@@ -226,17 +231,7 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
                                                   bs * new)}, 2 if quick else 3)
 
     # int8 weight-only decoding against our own fp32
-    qmodel = quantize_int8(copy.deepcopy(model))
-    with torch.no_grad():
-        ref, got = model(x), qmodel(x)
-    res["int8_logit_error"] = {"max_abs": (got - ref).abs().max().item(),
-                               "mean_abs": (got - ref).abs().mean().item(),
-                               "mean_abs_fp32_logit": ref.abs().mean().item()}
-    for bs in (1, 8):
-        prompts = batch[:bs, :32].tolist()
-        phase(rows, f"decode b{bs} nanoseek int8", lambda: generate(qmodel, prompts, max_new_tokens=new),
-              bs * new, 2 if quick else 3)
-
+    res.update(int8_inference_rows(model, batch, quick, rows, fp32_rows=False))
     res.update(bf16_inference_rows(model, batch, quick, rows))
     res["rows"] = rows
     res["kv_cache_bytes_per_token_fp32"] = {
@@ -265,6 +260,87 @@ def bf16_inference_rows(model: Transformer, batch: torch.Tensor, quick: bool, ro
         out[f"bf16_greedy_equal_fp32_b{bs}"] = runs["bf16"]() == runs["fp32"]()
         interleaved(rows, {f"decode b{bs} {p}": (run, bs * new) for p, run in runs.items()}, 2 if quick else 3)
     return out
+
+
+def int8_inference_rows(model: Transformer, batch: torch.Tensor, quick: bool, rows: dict,
+                        fp32_rows: bool = True) -> dict:
+    """Greedy decode at batch 1 and 8 (32-token prompts) and prefill 1 x 256 with --quantize int8
+    (and, with fp32_rows, the same with fp32 weights), interleaved per phase; the int8 plan and its
+    logit error against fp32 (`int8_logit_error`). Without fp32_rows the int8 rows are timed alone
+    (bench_config times fp32 as "nanoseek" rows beside transformers)."""
+    fp32 = compute_models(model, "fp32")
+    int8 = compute_models(model, inference_precision("auto", "cpu", quantize="int8"))
+    out = {"int8_plan": int8.plan.describe(), "int8_logit_error": int8_logit_error(model, int8.main, batch)}
+    new = 32 if quick else 64
+    x = batch[:1, :256]
+    sides = {"fp32": fp32, "int8": int8} if fp32_rows else {"int8": int8}
+    name = (lambda p: f"nanoseek {p}") if fp32_rows else (lambda p: "nanoseek int8")
+    with torch.inference_mode():
+        interleaved(rows, {f"prefill {name(p)}": (lambda m=c.main: m(x), x.numel()) for p, c in sides.items()},
+                    3 if quick else 5)
+    for bs in (1, 8):
+        prompts = batch[:bs, :32].tolist()
+        interleaved(rows, {f"decode b{bs} {name(p)}": (lambda c=c, prompts=prompts: generate(
+            model, prompts, max_new_tokens=new, precision=c), bs * new) for p, c in sides.items()},
+            3 if quick else 5)
+    return out
+
+
+@torch.inference_mode()
+def int8_logit_error(model: Transformer, int8: Transformer, batch: torch.Tensor, new: int = 64) -> dict:
+    """The int8 model's logits against fp32's over one 256-token row (teacher-forced: max and mean abs
+    error, the mean |fp32 logit|, how often the argmax agrees) and greedy decoding of `new` tokens from
+    a 32-token prompt (positions that agree, and how many lead before the first difference)."""
+    x = batch[:1, :256]
+    ref, got = model(x), int8(x)
+    prompt = batch[:1, :32].tolist()
+    a = generate(model, prompt, max_new_tokens=new)[0]
+    b = generate(int8, prompt, max_new_tokens=new)[0]
+    lead = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), min(len(a), len(b)))
+    return {"max_abs": (got - ref).abs().max().item(), "mean_abs": (got - ref).abs().mean().item(),
+            "mean_abs_fp32_logit": ref.abs().mean().item(),
+            "argmax_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "greedy_agree": sum(s == t for s, t in zip(a, b)) / new, "greedy_identical_prefix": lead,
+            "greedy_new_tokens": new}
+
+
+def print_int8_error(res: dict):
+    e = res["int8_logit_error"]
+    print(f"  int8 logit error vs fp32 (256 positions): max {e['max_abs']:.3g}, mean {e['mean_abs']:.3g} "
+          f"(mean |logit| {e['mean_abs_fp32_logit']:.3g}, relative {e['mean_abs'] / e['mean_abs_fp32_logit']:.2%}); "
+          f"argmax agrees {e['argmax_agree']:.1%}; greedy {e['greedy_new_tokens']} tokens: "
+          f"{e['greedy_agree']:.0%} agree, first {e['greedy_identical_prefix']} identical")
+    print(f"  --quantize int8 here: {res['int8_plan']}")
+
+
+INT8_RATIOS = [
+    ("prefill int8 vs fp32", "prefill nanoseek int8", "prefill nanoseek fp32"),
+    ("decode b1 int8 vs fp32", "decode b1 nanoseek int8", "decode b1 nanoseek fp32"),
+    ("decode b8 int8 vs fp32", "decode b8 nanoseek int8", "decode b8 nanoseek fp32"),
+]
+
+
+def bench_int8_only(name: str, quick: bool) -> dict:
+    """Only the int8 against fp32 inference rows of config `name` (no transformers, no training)."""
+    cfg = name if isinstance(name, ModelConfig) else ModelConfig.preset(name, num_nextn_predict_layers=0)
+    model = random_model(cfg).eval()
+    batch = torch.randint(0, cfg.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
+    rows: dict = {}
+    res = {"config": name, **int8_inference_rows(model, batch, quick, rows), "rows": rows}
+    res["ratios"] = {label: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for label, a, b in INT8_RATIOS}
+    return res
+
+
+def print_int8_table(results: list[dict]):
+    for res in results:
+        print(f"== {res['config']}: int8 weights against fp32 (tokens/s; interleaved, medians; "
+              f"threads {torch.get_num_threads()})")
+        for key, r in res["rows"].items():
+            print(f"{key:<34}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}")
+        for label, value in res["ratios"].items():
+            print(f"  {label:<40}{value:>8.2f}x")
+        print_int8_error(res)
+        print()
 
 
 BF16_RATIOS = [
@@ -402,9 +478,7 @@ def print_table(results: list[dict], peak: float):
             print(f"  {label:<40}{ratio:>8.2f}x")
         kv = res["kv_cache_bytes_per_token_fp32"]
         print(f"  KV cache bytes/token (fp32): latent {kv['nanoseek_latent']:,} vs per-head {kv['per_head_kv']:,}")
-        e = res["int8_logit_error"]
-        print(f"  int8 logit error vs fp32: max {e['max_abs']:.3g}, mean {e['mean_abs']:.3g} "
-              f"(mean |logit| {e['mean_abs_fp32_logit']:.3g})")
+        print_int8_error(res)
         print(f"  greedy tokens identical to transformers: b1 {res['greedy_identical_b1']}, "
               f"b8 {res['greedy_identical_b8']}")
         print_bf16_notes(res)
@@ -453,6 +527,8 @@ def main():
                     help="only the bf16 against fp32 inference rows (no transformers, no training)")
     ap.add_argument("--train-precision", action="store_true",
                     help="only the bf16-vs-fp32 training rows (see the module docstring)")
+    ap.add_argument("--only-int8", action="store_true",
+                    help="only the int8 against fp32 inference rows (--quantize int8; no transformers)")
     ap.add_argument("--rollouts", action="store_true",
                     help="only the GRPO rollout rows (bench/rollouts.py) on the demo's model and --configs")
     args = ap.parse_args()
@@ -460,7 +536,9 @@ def main():
             (args.train_precision, "perf_train_precision.json",
              lambda: [bench_train_precision(name, args.quick) for name in args.configs], print_train_precision),
             (args.only_bf16_inference, "perf_bf16_inference.json",
-             lambda: [bench_bf16_only(name, args.quick) for name in args.configs], print_bf16_table)]
+             lambda: [bench_bf16_only(name, args.quick) for name in args.configs], print_bf16_table),
+            (args.only_int8, "perf_int8_inference.json",
+             lambda: [bench_int8_only(name, args.quick) for name in args.configs], print_int8_table)]
     for chosen, file_name, run, show in only:
         if chosen:  # one group of rows only: its own JSON beside perf.json
             results = run()

@@ -129,22 +129,34 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = PROBE_SI
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or not seconds > 0:
         raise ConfigError(f"the matmul probe needs a positive integer size and positive seconds, "
                           f"got size={size!r}, seconds={seconds!r}")
-    key = probe_key(dtype, size)
+    return cached_probe(probe_key(dtype, size), "flops_per_second", lambda: _time_matmul(dtype, size, seconds),
+                        seconds=seconds, refresh=refresh)
+
+
+def cached_probe(key: str, field: str, measure, *, seconds: float | None = None, refresh: bool = False) -> float:
+    """The positive number `measure()` returns, cached under `key` (its `field`) in $NANOSEEK_CACHE_DIR
+    (default ~/.cache/nanoseek)/matmul_peak.json: every probe of this machine in one file (the matmul
+    peak above, quant.py's int8 kernel timings). Measured when missing or when `refresh`; keys start
+    with `machine_key()` so another CPU, torch or thread count measures afresh."""
     path = cache_dir() / PROBE_FILE
     cache = _read_json_object(path)
     entry = cache.get(key)
-    if not refresh and isinstance(entry, dict) and _is_positive_number(entry.get("flops_per_second")):
-        return float(entry["flops_per_second"])
-    value = _time_matmul(dtype, size, seconds)
-    cache[key] = {"flops_per_second": value, "seconds": seconds,
+    if not refresh and isinstance(entry, dict) and _is_positive_number(entry.get(field)):
+        return float(entry[field])
+    value = measure()
+    cache[key] = {field: value, **({"seconds": seconds} if seconds is not None else {}),
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(path, cache)
     return value
 
 
 def probe_key(dtype: torch.dtype, size: int) -> str:
-    return (f"torch={torch.__version__}|cpu={cpu_model()}|threads={torch.get_num_threads()}"
-            f"|dtype={dtype_name(dtype)}|size={size}")
+    return f"{machine_key()}|dtype={dtype_name(dtype)}|size={size}"
+
+
+def machine_key() -> str:
+    """What a probe's result depends on besides its own parameters: torch, the CPU, the thread count."""
+    return f"torch={torch.__version__}|cpu={cpu_model()}|threads={torch.get_num_threads()}"
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ import torch
 
 from ..cli import EXIT_OK, command
 from ..errors import NanoseekError
+from ..infer.compute import QUANTIZE
 from ..infer.scheduler import Scheduler
 from ..precision import PRECISIONS
 
@@ -32,6 +33,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="load the weights in this dtype and compute in it (instead of --precision; default: "
                         "as --precision says)")
+    add_quantize_argument(p)
     p.add_argument("--max-model-len", type=int, metavar="N",
                    help="context length: prompt + reply tokens (default: the model's max_position_embeddings)")
     p.add_argument("--speculative", action="store_true",
@@ -40,6 +42,14 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, metavar="FILE", help="content policy YAML (default: no policy)")
     p.add_argument("--audit", type=Path, metavar="FILE",
                    help="audit log (JSONL) of policy decisions (default: the policy file's 'audit' entry)")
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    """--quantize, shared by chat, serve and eval."""
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: int8 weights for the Linears and routed experts (a quarter of fp32's bytes per "
+                        "decoded token; CPU only, with --precision auto or fp32; embeddings, norms, router "
+                        "and cache stay fp32). Default none")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -51,13 +61,15 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _compute_options(args) -> dict:
-    """load_engine's dtype and precision from --dtype and --precision (one of the two may be set)."""
+    """load_engine's dtype, precision and quantize from --dtype, --precision and --quantize (--dtype
+    excludes the other two)."""
     dtype = DTYPES[args.dtype]
     if dtype is None:
-        return {"dtype": None, "precision": args.precision}
-    if args.precision != "auto":
-        raise NanoseekError(f"--dtype {args.dtype} and --precision {args.precision} both choose how the model "
-                            "computes: give one of them")
+        return {"dtype": None, "precision": args.precision, "quantize": args.quantize}
+    for flag, value, default in (("--precision", args.precision, "auto"), ("--quantize", args.quantize, "none")):
+        if value != default:
+            raise NanoseekError(f"--dtype {args.dtype} and {flag} {value} both choose how the model computes: "
+                                "give one of them")
     return {"dtype": getattr(torch, dtype), "precision": None}
 
 

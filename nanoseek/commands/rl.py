@@ -15,12 +15,14 @@ from ..errors import ConfigError
 from ..eval import markdown_table, summary_line, write_eval
 from ..eval.tasks import evaluate_task
 from ..infer import check_generation
+from ..infer.compute import inference_precision
 from ..precision import PRECISIONS
 from ..tasks import TASKS, get_task, write_chat_jsonl
 from ..tasks.dataset import DATASET_OPTIONS, EXPORT_OPTIONS, export_task, load_dataset
 from ..train.distill import distill
 from ..train.grpo import grpo, grpo_recipe_fields, load_grpo_recipe
 from ..train.recipe import read_recipe_file
+from .infer import add_quantize_argument
 
 
 def _threads(value: int) -> None:
@@ -219,6 +221,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _dataset_arguments(p)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="how generation computes: fp32, bf16 or auto (default; see nanoseek chat --help)")
+    add_quantize_argument(p)
 
 
 @command("eval", "held-out accuracy on a reasoning task or dataset: greedy, pass@1 over k samples, pass@k, maj@k",
@@ -229,13 +232,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("need --n >= 1, --k >= 0 and something to measure (greedy or k > 0)")
     check_generation(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size)  # before the model loads
+    # the plan (a bad --precision/--quantize pair, the int8 kernel probe) before the model loads
+    plan = inference_precision(args.precision, "cpu", args.quantize) if args.quantize != "none" else args.precision
     task = _task_or_dataset(args)
     problems = task.generate(args.n, seed=1234, split="test", difficulty=args.difficulty)
     model, tok = load_model_and_tokenizer(args.path, args.tokenizer)
     result = evaluate_task(model, tok, task, problems=problems, k=args.k, temperature=args.temperature,
                            top_p=args.top_p, greedy=not args.no_greedy, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(),
-                           precision=args.precision)
+                           precision=plan)
     result["model"] = str(args.path)
     print(f"precision: {result['precision_detail']}", file=sys.stderr)
     if args.out:

@@ -85,13 +85,14 @@ def evaluate_task(model, tokenizer, task: Task | str, *, n: int = 1000, k: int =
                   top_p: float = 0.95, greedy: bool = True, max_new_tokens: int | None = None,
                   batch_size: int = 128, seed: int = 0, problem_seed: int = 1234, split: str = "test",
                   problems: Sequence[Problem] | None = None, examples: int = 3, progress: bool = False,
-                  precision: str | None = None) -> dict:
+                  precision=None) -> dict:
     """Evaluate `model` on n held-out problems of `task` (k = 0 skips sampling). Returns a JSON-able
     dict: settings, greedy_accuracy, pass@1, pass@k, maj@k (each {value, ci95}), format and
     truncation rates, completion length, tokens/s, a few example completions, every completion with
     its verdict (`per_completion`: write_eval writes them as JSONL) and, for a dataset, what was read
     (`dataset`: unparseable gold answers skipped, problems per split). precision: how the
-    generation computes (auto | fp32 | bf16, `nanoseek.infer.compute`; None: the model's dtype)."""
+    generation computes (auto | fp32 | bf16, or an InferencePrecision such as the int8 plan of
+    `nanoseek.infer.compute.inference_precision(..., quantize="int8")`; None: the model's dtype)."""
     check_generation(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
     task = get_task(task)
     if problems is None:

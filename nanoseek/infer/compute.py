@@ -22,6 +22,10 @@ per forward by its size.
 
 Autocast around fp32 weights is not used for decoding: it would read the fp32 weights and write bf16
 copies of them on every step, more bytes than fp32 alone.
+
+`quantize="int8"` (CPU only; precision auto or fp32) runs an int8 copy of the Linears and routed experts
+(`nanoseek.infer.quant`: int8 weights, bf16 activations into the kernel) and keeps the rest, and the
+latent cache, in fp32; its plan is named `int8`.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import Transformer
 from ..precision import Precision, check_precision, resolve_precision
-from .quant import Int8Linear, Int8RoutedExperts
+from .quant import int8_copy, int8_kernel, is_quantized
 
+QUANTIZE = ("none", "int8")
 AUTO_BF16_MIN_TOKENS = 64  # auto on a CPU: forwards of at least this many tokens run on the bf16 copy
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -48,10 +53,13 @@ class InferencePrecision:
     weights: torch.dtype
     bf16_min_tokens: int | None
     reason: str
+    quantize: str = "none"  # int8: the Linears and routed experts run an int8 copy (weights stays fp32)
 
     @property
     def name(self) -> str:
-        """fp32 | bf16 | fp16, or fp32+bf16 when forwards are split by size."""
+        """fp32 | bf16 | fp16, fp32+bf16 when forwards are split by size, or int8."""
+        if self.quantize != "none":
+            return self.quantize
         base = SHORT.get(self.weights, str(self.weights).removeprefix("torch."))
         return f"{base}+bf16" if self.bf16_min_tokens is not None else base
 
@@ -62,14 +70,24 @@ class InferencePrecision:
                 f"{self.bf16_min_tokens} ({self.reason})")
 
     def as_dict(self) -> dict:
-        return {"precision": self.name, "bf16_min_tokens": self.bf16_min_tokens, "reason": self.reason}
+        return {"precision": self.name, "bf16_min_tokens": self.bf16_min_tokens, "reason": self.reason,
+                "quantize": self.quantize}
 
 
-def inference_precision(requested: str | Precision = "auto",
-                        device: str | torch.device = "cpu") -> InferencePrecision:
+def check_quantize(value: str, field: str = "quantize") -> str:
+    """`value` if it is one of QUANTIZE, else a ConfigError naming `field`."""
+    if value not in QUANTIZE:
+        raise ConfigError(f"invalid {field} {value!r}: choose one of {', '.join(QUANTIZE)}")
+    return value
+
+
+def inference_precision(requested: str | Precision = "auto", device: str | torch.device = "cpu",
+                        quantize: str = "none") -> InferencePrecision:
     """The compute plan for `requested` (auto | fp32 | bf16, or an already resolved Precision) on
-    `device`; ConfigError names a bad value."""
+    `device`, with `quantize` (none | int8); ConfigError names a bad value or combination."""
     device = torch.device(device)
+    if check_quantize(quantize) == "int8":
+        return int8_plan(requested, device)
     if isinstance(requested, Precision):
         prec, auto = requested, requested.auto
     else:
@@ -82,8 +100,26 @@ def inference_precision(requested: str | Precision = "auto",
     return InferencePrecision(torch.bfloat16, None, prec.reason)
 
 
+def int8_plan(requested: str | Precision, device: torch.device) -> InferencePrecision:
+    """The int8 plan: a CPU, and precision auto or fp32 (the non-quantized parts compute in fp32)."""
+    name = requested.name if isinstance(requested, Precision) else check_precision(requested)
+    if device.type != "cpu":
+        raise ConfigError(f"quantize 'int8' runs on a CPU only (its kernel is torch's CPU weight-only int8 "
+                          f"matmul), not on {device.type}: use precision bf16 there")
+    if name == "bf16" and not (isinstance(requested, Precision) and requested.auto):
+        raise ConfigError("quantize 'int8' and precision 'bf16' both choose the weights: give precision "
+                          "auto or fp32 with int8 (the rest of the model then computes in fp32)")
+    kernel = int8_kernel(device)
+    return InferencePrecision(torch.float32, None, f"int8 weights, kernel {kernel.name} ({kernel.reason}); "
+                                                   "embeddings, norms, gate and cache fp32", quantize="int8")
+
+
 def own_precision(model: nn.Module) -> InferencePrecision:
-    """The plan of an engine given no precision: the model computes in its own dtype."""
+    """The plan of an engine given no precision: the model computes in its own dtype (an int8 model:
+    the int8 plan)."""
+    if is_quantized(model):
+        kernel = int8_kernel(model.device)
+        return InferencePrecision(model.dtype, None, f"an int8 model, kernel {kernel.name}", quantize="int8")
     return InferencePrecision(model.dtype, None, "the model's dtype")
 
 
@@ -112,16 +148,26 @@ def compute_models(model: Transformer, precision: str | Precision | InferencePre
     if precision is None:
         return ComputeModels(own_precision(model), model)
     plan = precision if isinstance(precision, InferencePrecision) else inference_precision(precision, model.device)
+    if plan.quantize == "int8":
+        return ComputeModels(plan, int8_model(model))
     main = model if model.dtype == plan.weights else cast_copy(model, plan.weights)
     fast = cast_copy(model, torch.bfloat16) if plan.bf16_min_tokens is not None else None
     return ComputeModels(plan, main, fast)
+
+
+def int8_model(model: Transformer) -> Transformer:
+    """`model` if it is already int8, else its int8 copy (`quant.int8_copy`, from fp32 weights: a model in
+    another dtype is cast first). The copy shares the unquantized weights with `model`."""
+    if is_quantized(model):
+        return model
+    return int8_copy(model if model.dtype == torch.float32 else cast_copy(model, torch.float32))
 
 
 def cast_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
     """A copy of `model` (in eval mode) with its weights in `dtype`; the router gate, its bias and the
     rope frequencies stay fp32. Built on the meta device and filled from the state dict, so the peak
     memory is the source plus the copy."""
-    if any(isinstance(m, (Int8Linear, Int8RoutedExperts)) for m in model.modules()):
+    if is_quantized(model):
         raise ConfigError("an int8-quantized model computes in its own scheme: give it no precision "
                           "(or quantize after choosing one)")
     with torch.device("meta"):

@@ -1,20 +1,36 @@
 """int8 weight-only quantization for CPU decoding (per-output-channel symmetric scales).
 
-Decoding a batch of one is bound by reading weights from memory; int8 weights read a quarter of the
-bytes of fp32. On CPU each matmul is one int8 x int8 -> int32 GEMM (`torch._int_mm`, oneDNN) over two
-"digits" of the activations: x ~= s1 * d1 + s2 * d2 with d1 = round(x / s1), s1 = max|x| / 127 per row,
-and d2 the rounded remainder at s2 = s1 / 127. The two digits carry x to ~1/16,000 of its range, so the
-result equals the fp32 product with the dequantized weights to ~1e-4 relative: the error is the
-weights' rounding alone, as in a weight-only scheme, and both digits ride in one GEMM (2M rows: free
-when the GEMM is bound by reading the weights). torch's own weight-only kernel
-(`_weight_int8pack_mm`) measured 2-8x slower than fp32 on this AVX2 CPU; `_int_mm` 1.5-1.9x faster on
-large matrices whose weights come from memory (no faster on 512 x 512). Elsewhere (CUDA, or a torch
-without `_int_mm` on CPU) the weights are dequantized per call.
+    from nanoseek.infer.quant import int8_copy
+    q = int8_copy(model)          # int8 Linears and experts; embeddings, norms, gate shared with `model`
+
+Decoding a batch of one reads every activated weight once per token; int8 weights are a quarter of
+fp32's bytes. The kernel is torch's weight-only `torch._weight_int8pack_mm(x_bf16 (M, K), q (N, K) int8,
+scales_bf16 (N,))`: activations go to bf16 for it (the weights' rounding dominates the error anyway), its
+output comes back to fp32. With fp32 activations the same kernel runs 8-20x slower than fp32 on an
+AMX Xeon (the "2-8x slower" this file once claimed was that); with bf16 activations it ran
+1.6-2.2x fp32's GEMV on 1024-8192-wide matrices (2 threads), and this module's probe measured
+2.2-2.8x on a 2048 x 1024 GEMV (1 and 2 threads, a loaded machine). A decoded token is ~1,100 small
+ops on bench-192m, and each int8 matmul adds two casts and two views to fp32's one op, so the model
+gains less than the GEMV (docs/inference.md has the model-level numbers). For rows beyond
+INT8PACK_MAX_ROWS (prefill) the weights are dequantized per call and the matmul runs in the
+activations' dtype, where the dense GEMM wins.
+
+Which kernel runs is chosen by a short probe, cached with the matmul probe (`nanoseek.precision.
+cached_probe`): int8pack where it computes correctly and beats the dequantizing path on a GEMV; else
+the dequantizing path (`reference_matmul`, pure PyTorch: also CUDA, and the path the tests check the
+fast one against). NANOSEEK_INT8_KERNEL=int8pack|dequant overrides the choice.
+
 Kept in full precision: embeddings (a lookup), norms, the routing gate (a discrete choice), and
 kv_b_proj (the absorbed MLA path reads its weight directly; it is small).
 """
 
 from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +38,18 @@ from torch import nn
 
 from ..model import Transformer
 from ..model.moe import FEW_PAIRS, RoutedExperts
+from ..precision import cached_probe, machine_key
 
 KEEP = ("kv_b_proj",)
+KERNELS = ("int8pack", "dequant")
+KERNEL_ENV = "NANOSEEK_INT8_KERNEL"  # int8pack | dequant: skip the probe
+INT8PACK_MAX_ROWS = 16  # more rows per matmul (prefill) take the dequantizing path
+# _weight_int8pack_mm's AVX512 kernel walks K in steps of 16 with aligned vector loads and no tail: for
+# K % 16 != 0 it reads past each row (wrong outputs) or faults on a misaligned load (measured: K = 40
+# gave garbage, then a segfault). Such matmuls take the dequantizing path; inputs are copied to
+# 64-byte-aligned memory when they are not.
+INT8PACK_K_MULTIPLE = 16
+PROBE_SHAPE = (2048, 1024)  # the probe's weight (out, in): 2 MiB of int8, a decode-sized GEMV
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,119 +59,263 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-_INT_MM: dict[str, bool] = {}
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (..., out, in) int8, scale (..., out) -> the weights q * scale in `dtype`."""
+    return q.to(dtype) * scale.to(dtype).unsqueeze(-1)
 
 
-def use_int_mm(x: torch.Tensor) -> bool:
-    """Whether torch._int_mm runs on x's device for decode shapes (probed once; CPU in torch 2.13 does,
-    CUDA wants M > 16 and is left to the dequantizing path)."""
-    key = x.device.type
-    if key not in _INT_MM:
-        ok = key == "cpu" and hasattr(torch, "_int_mm")
-        if ok:
-            try:
-                a = torch.tensor([[1, -2, 3]], dtype=torch.int8, device=x.device)
-                b = torch.tensor([[1, 0], [0, 1], [2, 2]], dtype=torch.int8, device=x.device)
-                ok = torch._int_mm(a, b).tolist() == [[7, 4]]
-            except (RuntimeError, NotImplementedError):
-                ok = False
-        _INT_MM[key] = ok
-    return _INT_MM[key]
+def reference_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, in) @ (q * scale)^T in x's dtype: the pure-PyTorch path (dequantize, then matmul)."""
+    return F.linear(x, dequantize(q, scale, x.dtype))
 
 
-def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K) float -> two int8 digits stacked (2M, K), and their per-row scales s1, s2 (M, 1):
-    x ~= s1 * d1 + s2 * d2, exact to s2 / 2 = max|x| / 32,258."""
-    x = x.float()
-    s1 = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30).div_(127.0)
-    d1 = torch.round(x / s1)
-    s2 = s1 / 127.0  # the remainder x - s1 * d1 lies within +-s1 / 2
-    d2 = torch.round((x - d1 * s1) / s2)
-    return torch.cat([d1, d2]).to(torch.int8), s1, s2
+# ---- the kernel choice ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int8Kernel:
+    """`name`: int8pack | dequant; `reason`: why (the probe's timings, the device, or the override)."""
+
+    name: str
+    reason: str
 
 
-def digits_matmul(digits: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, q: torch.Tensor,
-                  scale: torch.Tensor) -> torch.Tensor:
-    """(s1 d1 + s2 d2) @ (q * scale)^T for digits from int8_digits: (M, out) fp32, one int8 GEMM."""
-    M = s1.shape[0]
-    acc = torch._int_mm(digits, q.t()).float()
-    return (acc[:M] * s1).add_(acc[M:] * s2).mul_(scale)
+_KERNEL: dict[str, Int8Kernel] = {}
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ (q * scale)^T -> (..., out), computed in x's dtype."""
+def int8_kernel(device: str | torch.device = "cpu") -> Int8Kernel:
+    """The kernel int8 matmuls of few rows take on `device` (probed once per device type and thread
+    count; the timings are cached on disk)."""
+    device = torch.device(device)
+    forced = os.environ.get(KERNEL_ENV)
+    if forced in KERNELS:
+        return Int8Kernel(forced, f"{KERNEL_ENV}={forced}")
+    key = f"{device.type}|{torch.get_num_threads()}"
+    if key not in _KERNEL:
+        _KERNEL[key] = _choose_kernel(device)
+    return _KERNEL[key]
+
+
+def _choose_kernel(device: torch.device) -> Int8Kernel:
+    if device.type != "cpu":
+        return Int8Kernel("dequant", f"no int8 weight-only kernel is probed on {device.type}")
+    if not int8pack_works():
+        return Int8Kernel("dequant", "torch._weight_int8pack_mm is missing or wrong on this CPU")
+    t = {name: _probe_seconds(name) for name in ("fp32", "int8pack", "dequant")}
+    name = "int8pack" if t["int8pack"] < t["dequant"] else "dequant"
+    return Int8Kernel(name, f"probe: int8pack GEMV {t['fp32'] / t['int8pack']:.2f}x fp32's, dequantizing "
+                            f"{t['fp32'] / t['dequant']:.2f}x")
+
+
+def int8pack_works() -> bool:
+    """Whether torch._weight_int8pack_mm runs here and agrees with reference_matmul (odd sizes)."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(24, 48, generator=g))
+    x = torch.randn(3, 48, generator=g).bfloat16()
+    try:
+        got = torch._weight_int8pack_mm(x, q, scale.bfloat16()).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    want = reference_matmul(x.float(), q, scale)
+    return got.shape == want.shape and bool(torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max()))
+
+
+def _probe_seconds(name: str) -> float:
+    """Median seconds of one (1, in) x PROBE_SHAPE matmul by `name` (fp32 | int8pack | dequant), cached."""
+    N, K = PROBE_SHAPE
+    key = f"{machine_key()}|int8_gemv={name}|shape={N}x{K}"
+    return cached_probe(key, "seconds_per_call", lambda: _time_gemv(name, N, K))
+
+
+def _time_gemv(name: str, N: int, K: int, seconds: float = 0.15) -> float:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g)
+    x = torch.randn(1, K, generator=g)
+    q, scale = quantize_rows(w)
+    sb = scale.bfloat16()
+    run = {"fp32": lambda: F.linear(x, w),
+           "int8pack": lambda: torch._weight_int8pack_mm(x.bfloat16(), q, sb).float(),
+           "dequant": lambda: reference_matmul(x, q, scale)}[name]
+    run()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)
+
+
+# ---- matmuls -------------------------------------------------------------------------------------
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (..., in) @ (q * scale)^T -> (..., out) in out_dtype (default x's): the probed kernel for
+    up to INT8PACK_MAX_ROWS rows, else reference_matmul."""
     flat = x.reshape(-1, x.shape[-1])
-    if use_int_mm(flat):
-        out = digits_matmul(*int8_digits(flat), q, scale).to(flat.dtype)
+    out_dtype = out_dtype or x.dtype
+    if flat.shape[0] <= INT8PACK_MAX_ROWS and int8pack_fits(q) and int8_kernel(x.device).name == "int8pack":
+        sb = scale_bf16 if scale_bf16 is not None else scale.bfloat16()
+        out = torch._weight_int8pack_mm(aligned_bf16(flat), q, sb).to(out_dtype)
     else:
-        out = F.linear(flat, q.to(flat.dtype) * scale.to(flat.dtype).unsqueeze(-1))
+        out = reference_matmul(flat, q, scale).to(out_dtype)
     return out.view(*x.shape[:-1], q.shape[0])
 
 
+def int8pack_fits(q: torch.Tensor) -> bool:
+    """Whether _weight_int8pack_mm can take the weight q (out, in): in % 16 == 0, contiguous, aligned."""
+    return q.shape[-1] % INT8PACK_K_MULTIPLE == 0 and q.is_contiguous() and q.data_ptr() % 16 == 0
+
+
+def aligned_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous bf16 tensor whose data starts on a 64-byte boundary (the kernel's loads)."""
+    x = x.to(torch.bfloat16)
+    return x if x.data_ptr() % 64 == 0 and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+
+
 class Int8Linear(nn.Module):
+    """A bias-optional Linear with int8 weights `q` (out, in) and fp32 per-row `scale` (out,)."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.bfloat16(), persistent=False)  # the kernel's scales
         self.bias = linear.bias
+        self._fast = None  # int8pack runs this weight (decided on the first forward, again after _apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x, self.q, self.scale)
+        K = x.shape[-1]
+        if self._fast is None:
+            self._fast = int8_kernel(x.device).name == "int8pack" and int8pack_fits(self.q)
+        if self._fast and x.numel() <= INT8PACK_MAX_ROWS * K:  # decoding: 5 ops, as lean as it gets
+            out = torch._weight_int8pack_mm(aligned_bf16(x).view(-1, K), self.q, self.scale_bf16)
+            out = out.view(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            out = int8_matmul(x, self.q, self.scale, self.scale_bf16)
         return out if self.bias is None else out + self.bias
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None
+        return super()._apply(fn, recurse)
 
 
 class Int8RoutedExperts(RoutedExperts):
-    """Stacked experts with int8 weights; the sorted dropless dispatch of RoutedExperts."""
+    """Stacked experts with int8 weights; the sorted dropless dispatch of RoutedExperts, and for one
+    or two decoded tokens two kernel calls per selected expert."""
 
     def __init__(self, experts: RoutedExperts):
         nn.Module.__init__(self)
         self.n_experts = experts.n_experts
         self.intermediate_size = experts.intermediate_size
-        q, s = quantize_rows(experts.gate_up)
-        self.register_buffer("gate_up_q", q)
-        self.register_buffer("gate_up_scale", s)
-        q, s = quantize_rows(experts.down)
-        self.register_buffer("down_q", q)
-        self.register_buffer("down_scale", s)
+        for name in ("gate_up", "down"):
+            q, s = quantize_rows(getattr(experts, name))
+            self.register_buffer(f"{name}_q", q)  # (E, out, in) int8
+            self.register_buffer(f"{name}_scale", s)  # (E, out) fp32
+            self.register_buffer(f"{name}_scale_bf16", s.bfloat16(), persistent=False)
+
+    def expert(self, x: torch.Tensor, e: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert e on rows x (R, D) -> (R, D) in out_dtype (default x's)."""
+        I = self.intermediate_size
+        h = int8_matmul(x, self.gate_up_q[e], self.gate_up_scale[e], self.gate_up_scale_bf16[e])
+        act = F.silu(h[:, :I]) * h[:, I:]
+        return int8_matmul(act, self.down_q[e], self.down_scale[e], self.down_scale_bf16[e], out_dtype)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = indices.shape
-        if N * k <= FEW_PAIRS and use_int_mm(x):
+        if N * k <= FEW_PAIRS:
             return self._few_pairs(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         x_sorted = x.index_select(0, order // k)
-        outs = []
-        for block, e in zip(x_sorted.split(counts), range(self.n_experts)):
-            if block.shape[0]:
-                gate, up = int8_matmul(block, self.gate_up_q[e], self.gate_up_scale[e]).chunk(2, dim=-1)
-                outs.append(int8_matmul(F.silu(gate) * up, self.down_q[e], self.down_scale[e]))
+        if self._int8pack_fits(x):  # bf16 once; each expert's block of rows stays 32-byte aligned (D % 16 == 0)
+            pairs = zip(aligned_bf16(x_sorted).split(counts), x_sorted.split(counts))
+            outs = [self._fast_expert(b16, e) if len(b16) <= INT8PACK_MAX_ROWS
+                    else self.expert(b32, e, out_dtype=torch.bfloat16)  # many rows: the dense GEMM in x's dtype
+                    for e, (b16, b32) in enumerate(pairs) if len(b16)]
+        else:
+            outs = [self.expert(block, e) for e, block in enumerate(x_sorted.split(counts)) if block.shape[0]]
         out = torch.cat(outs).index_select(0, order.argsort()).view(N, k, -1)
-        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _fast_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on bf16 rows x (R <= INT8PACK_MAX_ROWS, D), 32-byte aligned -> (R, D) bf16: two calls."""
+        I = self.intermediate_size
+        gate_up, gate_up_s, down, down_s = self._views()
+        h = torch._weight_int8pack_mm(x, gate_up[e], gate_up_s[e])  # (R, 2I)
+        return torch._weight_int8pack_mm(F.silu(h[:, :I]) * h[:, I:], down[e], down_s[e])
 
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One or two tokens (decoding): each token's digits are made once for its k experts."""
-        I = self.intermediate_size
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        """Decoding one or two tokens: each (token, expert) pair on its own, accumulated into the output
+        with its routing weight. With int8pack: the tokens go to bf16 once, and each pair is two kernel
+        calls on per-expert views made once (5 ops a pair, as few as the fp32 path's)."""
+        y = torch.zeros_like(x)
+        if not self._int8pack_fits(x):
+            for n, (chosen, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
+                for e, w in zip(chosen, ws):
+                    y[n:n + 1].add_(self.expert(x[n:n + 1], e), alpha=w)
+            return y
+        xb = aligned_bf16(x)  # rows of D % 16 == 0 bf16 values: each row 32-byte aligned too
         for n, (chosen, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
-            digits = int8_digits(x[n:n + 1])
+            xn, yn = xb[n:n + 1], y[n:n + 1]
             for e, w in zip(chosen, ws):
-                h = digits_matmul(*digits, self.gate_up_q[e], self.gate_up_scale[e])
-                out = digits_matmul(*int8_digits(F.silu(h[:, :I]) * h[:, I:]), self.down_q[e], self.down_scale[e])
-                y[n:n + 1].add_(out, alpha=w)
-        return y.to(x.dtype)
+                yn.add_(self._fast_expert(xn, e), alpha=w)
+        return y
+
+    def _int8pack_fits(self, x: torch.Tensor) -> bool:
+        """Whether int8pack runs these experts (decided on first use, again after _apply)."""
+        if getattr(self, "_fast", None) is None:
+            self._fast = (int8_kernel(x.device).name == "int8pack" and int8pack_fits(self.gate_up_q[0])
+                          and int8pack_fits(self.down_q[0]))
+        return self._fast
+
+    def _views(self) -> tuple:
+        """Per-expert views of the int8 weights and bf16 scales (lists: no indexing op per call),
+        made on first use and again after the buffers move (`_apply`)."""
+        if getattr(self, "_expert_views", None) is None:
+            self._expert_views = tuple(list(t.unbind(0)) for t in (
+                self.gate_up_q, self.gate_up_scale_bf16, self.down_q, self.down_scale_bf16))
+        return self._expert_views
+
+    def _apply(self, fn, recurse=True):
+        self._expert_views = self._fast = None
+        return super()._apply(fn, recurse)
+
+
+# ---- whole models --------------------------------------------------------------------------------
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int8RoutedExperts)) for m in model.modules())
+
+
+def _int8_replacements(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """{module: its int8 version} for every Linear (but KEEP) and every routed-experts block."""
+    out = {}
+    for module in model.modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear) and child_name not in KEEP:
+                out[child] = Int8Linear(child)
+            elif isinstance(child, RoutedExperts) and not isinstance(child, Int8RoutedExperts):
+                out[child] = Int8RoutedExperts(child)
+    return out
 
 
 @torch.no_grad()
 def quantize_int8(model: Transformer) -> Transformer:
     """Replace, in place, every Linear (but KEEP) and the routed experts with int8 weight-only versions.
     For inference only: the quantized model has no trainable weights there."""
-    for name, module in list(model.named_modules()):
+    swaps = _int8_replacements(model)
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name not in KEEP:
-                setattr(module, child_name, Int8Linear(child))
-            elif isinstance(child, RoutedExperts) and not isinstance(child, Int8RoutedExperts):
-                setattr(module, child_name, Int8RoutedExperts(child))
+            if child in swaps:
+                setattr(module, child_name, swaps[child])
     return model
+
+
+@torch.no_grad()
+def int8_copy(model: Transformer) -> Transformer:
+    """An int8 version of `model` (unchanged) in eval mode: its quantized modules are new, every other
+    parameter and buffer (embeddings, norms, gate, kv_b_proj) is shared, not copied. Peak memory: the
+    model plus its int8 weights; drop `model` to free its full-precision Linears."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    memo.update({id(old): new for old, new in _int8_replacements(model).items()})
+    return copy.deepcopy(model, memo).eval()

@@ -15,19 +15,24 @@ __all__ = ["APIError", "ServerConfig", "create_app", "Decision", "Policy", "Poli
 
 
 def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | None = None,
-                speculative: bool = False, prefill_chunk: int = 512, device=None, dtype=None, precision=None):
+                speculative: bool = False, prefill_chunk: int = 512, device=None, dtype=None, precision=None,
+                quantize: str = "none"):
     """(Engine, ChatTokenizer) for an HF-format model folder with tokenizer files.
 
     precision (auto | fp32 | bf16; `nanoseek.infer.compute`) chooses how the model computes and so the
     dtype its weights load in; dtype instead loads them in that dtype and computes in it; neither: the
-    stored dtype (FP8 becomes bf16). `engine.precision_plan` says what was chosen."""
+    stored dtype (FP8 becomes bf16). quantize int8 (with precision auto/fp32 or None) loads fp32 and
+    keeps an int8 copy of the Linears and experts. `engine.precision_plan` says what was chosen."""
     from ..checkpoint import load_model
     from ..errors import ConfigError, DataError
     from ..infer import Engine, load_tokenizer
     from ..infer.compute import inference_precision
-    if dtype is not None and precision is not None:
-        raise ConfigError("give load_engine a dtype or a precision, not both: the precision chooses the dtype")
-    plan = inference_precision(precision, device or "cpu") if precision is not None else None
+    if dtype is not None and (precision is not None or quantize != "none"):
+        raise ConfigError("give load_engine a dtype or a precision (and quantize), not both: the precision "
+                          "chooses the dtype")
+    if quantize != "none" and precision is None:
+        precision = "auto"
+    plan = inference_precision(precision, device or "cpu", quantize) if precision is not None else None
     tokenizer = load_tokenizer(path)
     model = load_model(path, device=device, dtype=plan.weights if plan is not None else dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
