@@ -471,7 +471,7 @@ def main():
     ap.add_argument("--llama", action="store_true",
                     help="build llama-cpp-python's side environment if missing (the llama.cpp column)")
     args = ap.parse_args()
-    llama = (lambda: llama_column.for_perf(args.llama, torch.get_num_threads()))
+    llama = lambda: llama_column.for_perf(args.llama, torch.get_num_threads())  # noqa: E731
     only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick, llama()), None),
             (args.train_precision, "perf_train_precision.json",
              lambda: [bench_train_precision(name, args.quick) for name in args.configs], print_train_precision),
