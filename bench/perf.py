@@ -22,6 +22,12 @@ drift, the timing does not care); writes bench/results/perf_train_precision.json
 (`int8_inference_rows`), interleaved, the ratios, and the int8 logits' error against fp32 (max and
 mean abs over 256 positions, teacher-forced argmax agreement, greedy tokens agreeing over 64 new);
 writes bench/results/perf_int8_inference.json.
+
+llama.cpp column (bench/llama_column.py): when llama-cpp-python's side environment bench/.llama-env
+exists (--llama builds it), the same weights run in llama.cpp as f32 and q8_0 GGUF files, alternating
+with the prefill and decode rows (and with the rollouts under --rollouts); the table then shows them
+beside our rows and the targets include issue 18's (decode >= llama.cpp f32, int8 >= llama.cpp q8_0).
+Without the environment one line says the column was skipped.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from nanoseek.infer.compute import compute_models, inference_precision  # noqa: 
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
 from nanoseek.precision import Precision  # noqa: E402
+
+import llama_column  # noqa: E402  (bench/, the script's folder)
 
 warnings.simplefilter("ignore")
 
@@ -178,10 +186,11 @@ def interleaved(rows: dict, fns: dict, repeats: int, warmup: int = 1) -> dict:
     return out
 
 
-def bench_config(name: str, quick: bool, peak: float) -> dict:
+def bench_config(name: str, quick: bool, peak: float, llama=llama_column.NoColumn()) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model, hf = build(name, Path(tmp) / "m")
+    llama.load(model, name)  # GGUF f32 / q8_0 copies for the llama.cpp rows (none without the side env)
     cfg = model.config
     counts = count_parameters(cfg)
     dense = dense_twin(model)
@@ -210,8 +219,8 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
     # prefill 1 x 256
     x = batch[:1, :T]
     with torch.no_grad():
-        interleaved(rows, {"prefill nanoseek": (lambda: model(x), T), "prefill transformers": (lambda: hf(x), T)},
-                    3 if quick else 5)
+        interleaved(rows, {"prefill nanoseek": (lambda: model(x), T), "prefill transformers": (lambda: hf(x), T),
+                           **llama.prefill(x)}, 3 if quick else 5)
 
     # decode (greedy) at batch 1 and 8 from 32-token prompts
     new = 32 if quick else 64
@@ -228,7 +237,7 @@ def bench_config(name: str, quick: bool, peak: float) -> dict:
             f"decode b{bs} nanoseek": (lambda prompts=prompts: generate(model, prompts, max_new_tokens=new), bs * new),
             f"decode b{bs} transformers": (hf_generate, bs * new),
             f"decode b{bs} nanoseek dense twin": (lambda prompts=prompts: generate(dense, prompts, max_new_tokens=new),
-                                                  bs * new)}, 2 if quick else 3)
+                                                  bs * new), **llama.decode(prompts, new)}, 2 if quick else 3)
 
     # int8 weight-only decoding against our own fp32
     res.update(int8_inference_rows(model, batch, quick, rows, fp32_rows=False))
@@ -506,14 +515,18 @@ def print_bf16_table(results: list[dict]):
         print()
 
 
-def bench_rollout_rows(configs: list[str], quick: bool) -> list[dict]:
+def bench_rollout_rows(configs: list[str], quick: bool, llama=llama_column.NoColumn()) -> list[dict]:
     """GRPO-shaped rollouts (bench/rollouts.py: 16 prompts x 8 samples, 128 new tokens at T=1) on the
-    demo's model and `configs`: nanoseek with repeated prompts, with prefix reuse, and transformers."""
+    demo's model and `configs`: nanoseek with repeated prompts, with prefix reuse, and transformers;
+    with the llama.cpp column, its multi-sequence decode alternating with our prefix reuse."""
     from rollouts import bench_rollouts, print_result
     results = []
     for name in ["demo", *configs]:
         res = bench_rollouts(name, new=32 if quick else 128, repeats=2 if quick else 3)
         print_result(res)
+        if llama.enabled:
+            res["llama_cpp"] = llama_column.rollout_rows(llama, name, 2 if quick else 3, new=32 if quick else 128)
+            llama_column.print_rollouts(res["llama_cpp"])
         results.append(res)
     return results
 
@@ -531,8 +544,11 @@ def main():
                     help="only the int8 against fp32 inference rows (--quantize int8; no transformers)")
     ap.add_argument("--rollouts", action="store_true",
                     help="only the GRPO rollout rows (bench/rollouts.py) on the demo's model and --configs")
+    ap.add_argument("--llama", action="store_true",
+                    help="build llama-cpp-python's side environment if missing (the llama.cpp column)")
     args = ap.parse_args()
-    only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick), None),
+    llama = lambda: llama_column.for_perf(args.llama, torch.get_num_threads())  # noqa: E731
+    only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick, llama()), None),
             (args.train_precision, "perf_train_precision.json",
              lambda: [bench_train_precision(name, args.quick) for name in args.configs], print_train_precision),
             (args.only_bf16_inference, "perf_bf16_inference.json",
@@ -551,15 +567,20 @@ def main():
             print(f"wrote {out}")
             return
     peak = matmul_peak()
-    results = [bench_config(name, args.quick, peak) for name in args.configs]
+    column = llama()
+    results = [bench_config(name, args.quick, peak, column) for name in args.configs]
+    column.close()
     for res in results:
         res["ratios"] = {label: res["rows"][a]["tokens_per_s"] / res["rows"][b]["tokens_per_s"]
                          for label, a, b in RATIOS}
-        res["targets"] = targets(res)
+        res["targets"] = targets(res) + llama_column.llama_targets(res["rows"])
     print_table(results, peak)
+    for res in results:
+        llama_column.print_comparison(res["rows"], f"== {res['config']}: against llama.cpp {column.version} "
+                                      "(same weights; tokens/s, alternating rounds)")
     meta = {"torch": torch.__version__, "nanoseek": nanoseek.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "matmul_peak_flops": peak,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "llama_cpp_python": column.version}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {args.out}")
