@@ -185,10 +185,10 @@ class _Dispatch(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         rows = inverse.view(-1, ctx.k).sort(dim=1).values  # (N, k) each token's rows, ascending
         parts = grad.index_select(0, rows.flatten()).view(rows.shape[0], ctx.k, -1)
-        total = parts[:, 0].clone()
+        total = parts[:, 0].float()  # the sum in fp32 also for bf16 rows (parts is ours to overwrite)
         for j in range(1, ctx.k):
             total += parts[:, j]
-        return total, None, None, None
+        return total.to(grad.dtype), None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -319,7 +319,8 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)  # (N*k,) pair ids grouped by expert
         inverse = order.argsort()  # (N*k,) each pair's row in the sorted order
         counts = expert_counts(flat, self.n_experts)
-        x_sorted = _Dispatch.apply(x, order, inverse, k)  # (N*k, D)
+        # rows in the matmuls' dtype before they are copied k times (bf16 autocast: half the bytes)
+        x_sorted = _Dispatch.apply(x.to(compute_dtype(x)), order, inverse, k)  # (N*k, D)
         out = self.grouped_experts(x_sorted, counts)
         # back to (token, slot) order, then the weighted sum over the k slots
         out = _Permute.apply(out, inverse, order).view(N, k, -1)
