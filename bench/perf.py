@@ -13,8 +13,9 @@ and writes bench/results/perf.json.
 
 --train-precision: one training step (fwd + bwd + AdamW, batch 8 x 256) of nanoseek in fp32 and in bf16
 (the trainer's path: autocast, fp32 router and master weights, the fused chunked CE) beside transformers'
-DeepseekV3 in fp32 and under the same autocast, interleaved step by step on one model each (the weights
-drift, the timing does not care); writes bench/results/perf_train_precision.json.
+DeepseekV3 in fp32 and under the same autocast and nanoseek's dense twin (`dense_twin`: the MoE step's
+overhead) in both, interleaved step by step on one model each (the weights drift, the timing does not
+care); writes bench/results/perf_train_precision.json.
     .venv/bin/python bench/perf.py --rollouts [--configs bench-8m]    # GRPO rollouts, bench/rollouts.py
     .venv/bin/python bench/perf.py --only-int8 [--configs ...]        # int8 against fp32 inference only
 
@@ -375,6 +376,7 @@ def bench_bf16_only(name: str, quick: bool) -> dict:
 
 # ---- training in bf16 against fp32 ---------------------------------------------------------------
 TRAIN_PRECISION_GOAL = {"bench-8m": 1.5, "bench-192m": 2.0}  # bf16 / fp32 step speed of the issue
+MOE_DENSE_GOAL = {"bench-192m": 1.3}  # MoE step time / its dense twin's, fp32 (the decode issue's)
 
 
 def precision_train_step(model, batch, precision: str, ours: bool, opt):
@@ -405,7 +407,8 @@ def bench_train_precision(name: str, quick: bool) -> dict:
     batch = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     rows: dict = {}
     fns = {}
-    for label, m, ours in (("nanoseek", model, True), ("transformers", hf, False)):
+    for label, m, ours in (("nanoseek", model, True), ("transformers", hf, False),
+                           ("nanoseek dense twin", dense_twin(model), True)):
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
         for precision in ("fp32", "bf16"):
@@ -416,9 +419,13 @@ def bench_train_precision(name: str, quick: bool) -> dict:
               "nanoseek bf16 / transformers bf16": tps["train nanoseek bf16"] / tps["train transformers bf16"],
               "nanoseek fp32 / transformers fp32": tps["train nanoseek fp32"] / tps["train transformers fp32"],
               "transformers bf16 / transformers fp32": tps["train transformers bf16"] / tps["train transformers fp32"]}
+    for precision in ("fp32", "bf16"):  # step time of the MoE over its dense twin's (same activated width)
+        ratios[f"MoE / dense twin step time ({precision})"] = (tps[f"train nanoseek dense twin {precision}"]
+                                                              / tps[f"train nanoseek {precision}"])
     goal = TRAIN_PRECISION_GOAL.get(name)
     return {"config": name, "rows": rows, "ratios": ratios, "goal_bf16_over_fp32": goal,
-            "goal_holds": goal is not None and ratios["nanoseek bf16 / nanoseek fp32"] >= goal}
+            "goal_holds": goal is not None and ratios["nanoseek bf16 / nanoseek fp32"] >= goal,
+            "goal_moe_over_dense": MOE_DENSE_GOAL.get(name)}
 
 
 def print_train_precision(results: list[dict]):
@@ -430,6 +437,9 @@ def print_train_precision(results: list[dict]):
             print(f"  {label:<40}{ratio:>7.2f}x")
         if res["goal_bf16_over_fp32"]:
             print(f"  goal bf16 >= {res['goal_bf16_over_fp32']}x fp32: {'holds' if res['goal_holds'] else 'MISSED'}")
+        if res.get("goal_moe_over_dense"):
+            ratio, goal = res["ratios"]["MoE / dense twin step time (fp32)"], res["goal_moe_over_dense"]
+            print(f"  goal MoE step <= {goal}x its dense twin's (fp32): {'holds' if ratio <= goal else 'MISSED'}")
 
 
 RATIOS = [

@@ -278,20 +278,28 @@ def test_precision_autocast_is_what_the_trainer_uses():
 
 
 def test_padded_bf16_expert_loop_equals_the_plain_loop():
-    """CPU bf16 experts pad each expert's rows to ROW_BUCKET (oneDNN's kernel cache): same rows out,
-    same gradients, empty experts included."""
+    """CPU bf16 experts (`_PaddedExperts`: rows padded to ROW_BUCKET for oneDNN's kernel cache, the
+    backward written out) against autograd through the plain per-expert loop: same rows out, same
+    gradients in the masters' dtype, zeros for the empty expert; frozen weights get none."""
     experts = random_experts(5, 32, 16, seed=2, std=0.2)
     counts = torch.tensor([3, 0, 33, 1, 40])
     x = torch.randn(int(counts.sum()), 32, requires_grad=True)
     with torch.autocast(**BF16):
         padded = experts.grouped_experts(x, counts)  # CPU + bf16: the padded loop
         plain = experts._loop(x.to(torch.bfloat16), counts, dtype=torch.bfloat16)
-    assert padded.shape == plain.shape == x.shape
+    assert padded.shape == plain.shape == x.shape and padded.dtype == torch.bfloat16
     torch.testing.assert_close(padded, plain, rtol=0.01, atol=0.01)
     g_pad = torch.autograd.grad(padded.float().square().sum(), [x, experts.gate_up, experts.down])
     g_plain = torch.autograd.grad(plain.float().square().sum(), [x, experts.gate_up, experts.down])
     for a, b in zip(g_pad, g_plain):
+        assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+    assert g_pad[1][1].abs().sum() == 0 and g_pad[2][1].abs().sum() == 0  # expert 1 had no rows
+    experts.requires_grad_(False)
+    with torch.autocast(**BF16):
+        frozen = experts.grouped_experts(x, counts)
+    (g_x,) = torch.autograd.grad(frozen.float().square().sum(), [x])
+    assert torch.equal(g_x, g_pad[0])
 
 
 def test_grpo_in_bf16_records_it_and_keeps_it_on_resume(policy, tmp_path):

@@ -300,3 +300,23 @@ def test_cached_forward_logits_of_the_last_position_and_an_mtp_draft():
         assert torch.allclose(draft, mtp, atol=1e-5)
         step = model.forward_cached(x[:, 11:], cache).logits  # the next token attends to the 11 cached ones
         assert cache.length == 12 and torch.allclose(step[:, 0], full[:, 11], atol=1e-5)
+
+
+def test_dispatch_and_permutation_gradients_are_bitwise_index_selects():
+    """The routed experts' gather of each token's rows (`_Dispatch`) and the permutation back
+    (`_Permute`) have hand-written backwards (a gather and k adds instead of index_select's CPU
+    scatter_add): values and gradients bitwise those of plain index_select."""
+    from nanoseek.model.moe import _Dispatch, _Permute
+    torch.manual_seed(4)
+    N, k, D, E = 37, 3, 8, 5
+    flat = torch.stack([torch.randperm(E)[:k] for _ in range(N)]).flatten()
+    order = flat.argsort(stable=True)
+    inverse = order.argsort()
+    x = torch.randn(N, D, requires_grad=True)
+    g = torch.randn(N * k, D)
+    ours = _Permute.apply(_Dispatch.apply(x, order, inverse, k), inverse, order)
+    plain = x.index_select(0, order // k).index_select(0, inverse)
+    assert torch.equal(ours, plain)
+    (got,) = torch.autograd.grad(ours, x, g)
+    (want,) = torch.autograd.grad(plain, x, g)
+    assert torch.equal(got, want)

@@ -166,6 +166,130 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _Dispatch(torch.autograd.Function):
+    """x (N, D) -> (N*k, D): row i is token order[i] // k (each token's row k times, grouped by expert).
+
+    Same as x.index_select(0, order // k), whose backward on a CPU is a scatter_add with a (N*k, D)
+    index (~30 ms per bench-192m layer, the largest routing cost). Here the backward gathers each
+    token's k gradient rows and adds them in the order that scatter_add did (ascending row), so the
+    gradient is bitwise the same."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        rows = inverse.view(-1, ctx.k).sort(dim=1).values  # (N, k) each token's rows, ascending
+        parts = grad.index_select(0, rows.flatten()).view(rows.shape[0], ctx.k, -1)
+        total = parts[:, 0].float()  # the sum in fp32 also for bf16 rows (parts is ours to overwrite)
+        for j in range(1, ctx.k):
+            total += parts[:, j]
+        return total.to(grad.dtype), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """x.index_select(0, perm) for a permutation, whose backward is the inverse gather (`inverse`)
+    instead of index_select's scatter_add: bitwise the same, a fraction of the time."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _PaddedExperts(torch.autograd.Function):
+    """The routed experts in bf16 on a CPU, forward and backward written out: x (R, D) grouped by
+    expert (counts[e] rows each), gate_up (E, 2I, D), down (E, D, I) masters in any dtype -> (R, D) bf16.
+
+    Each expert's rows are padded with zero rows to a multiple of ROW_BUCKET: oneDNN compiles a bf16
+    matmul kernel per new shape (~20-40 ms each, measured) and the row counts change every step, so
+    without padding nearly every expert matmul, and its two gradient matmuls, paid a compilation;
+    padded, the few shapes hit its cache (zero rows give zero outputs and add nothing to the weight
+    gradients). The six matmuls per expert write into preallocated buffers and the elementwise SwiGLU
+    runs once over all rows: the autograd graph of the per-expert loop (chunk, unbind, its stacking
+    and cat backwards, ~5 nodes per expert) cost more than the bf16 matmuls saved (bench-192m).
+    The weight gradients are stacked bf16, cast once to the masters' dtype."""
+
+    @staticmethod
+    def forward(ctx, x, counts, gate_up, down):
+        bf16 = torch.bfloat16
+        padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
+        rows = torch.arange(x.shape[0], device=x.device)
+        first = (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=x.shape[0])
+        slot = (padded.cumsum(0) - padded).repeat_interleave(counts, output_size=x.shape[0]) + rows - first
+        padded = padded.tolist()
+        blocks = _blocks(padded)
+        I = down.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            xp = x.new_zeros(sum(padded), x.shape[1], dtype=bf16).index_copy_(0, slot, x.to(bf16))
+            w_gu, w_d = gate_up.to(bf16), down.to(bf16)
+            h = xp.new_empty(xp.shape[0], 2 * I)  # (P, 2I) = [gate | up]
+            for e, a, b in blocks:
+                torch.mm(xp[a:b], w_gu[e].t(), out=h[a:b])
+            act = F.silu(h[:, :I]) * h[:, I:]  # (P, I)
+            y = xp.new_empty(xp.shape)
+            for e, a, b in blocks:
+                torch.mm(act[a:b], w_d[e].t(), out=y[a:b])
+        ctx.save_for_backward(xp, h, act, w_gu, w_d, slot)
+        ctx.blocks, ctx.x_dtype = blocks, x.dtype
+        ctx.dtypes = gate_up.dtype, down.dtype
+        return y.index_select(0, slot)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, h, act, w_gu, w_d, slot = ctx.saved_tensors
+        blocks, I = ctx.blocks, act.shape[1]
+        need_x, need_gu, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        with torch.autocast(xp.device.type, enabled=False):
+            gy = xp.new_zeros(xp.shape).index_copy_(0, slot, grad.to(xp.dtype))  # (P, D)
+            g_act = act.new_empty(act.shape)
+            g_d = _expert_grads(w_d, blocks) if need_d else None
+            for e, a, b in blocks:
+                torch.mm(gy[a:b], w_d[e], out=g_act[a:b])
+                if need_d:
+                    torch.mm(gy[a:b].t(), act[a:b], out=g_d[e])
+            gate, up = h[:, :I], h[:, I:]
+            g_h = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * F.silu(gate)], dim=1)
+            g_x = xp.new_empty(xp.shape) if need_x else None
+            g_gu = _expert_grads(w_gu, blocks) if need_gu else None
+            for e, a, b in blocks:
+                if need_x:
+                    torch.mm(g_h[a:b], w_gu[e], out=g_x[a:b])
+                if need_gu:
+                    torch.mm(g_h[a:b].t(), xp[a:b], out=g_gu[e])
+        return (g_x.index_select(0, slot).to(ctx.x_dtype) if need_x else None, None,
+                g_gu.to(ctx.dtypes[0]) if need_gu else None, g_d.to(ctx.dtypes[1]) if need_d else None)
+
+
+def _blocks(padded: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each expert with rows, from the padded row counts."""
+    out, start = [], 0
+    for e, n in enumerate(padded):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
+def _expert_grads(weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+    """An uninitialised gradient buffer like `weight` (E, ...), zeroed for the experts without rows."""
+    g = torch.empty_like(weight)
+    hit = torch.zeros(weight.shape[0], dtype=torch.bool)
+    hit[[e for e, _, _ in blocks]] = True
+    if not hit.all():
+        g[~hit.to(g.device)] = 0
+    return g
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up (E, 2I, D) = [gate; up], down (E, D, I).
 
@@ -193,11 +317,13 @@ class RoutedExperts(nn.Module):
                 return self._few_pairs(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (N*k,) pair ids grouped by expert
+        inverse = order.argsort()  # (N*k,) each pair's row in the sorted order
         counts = expert_counts(flat, self.n_experts)
-        x_sorted = x.index_select(0, order // k)  # (N*k, D); index_select's backward is a cheap index_add
+        # rows in the matmuls' dtype before they are copied k times (bf16 autocast: half the bytes)
+        x_sorted = _Dispatch.apply(x.to(compute_dtype(x)), order, inverse, k)  # (N*k, D)
         out = self.grouped_experts(x_sorted, counts)
         # back to (token, slot) order, then the weighted sum over the k slots
-        out = out.index_select(0, order.argsort()).view(N, k, -1)
+        out = _Permute.apply(out, inverse, order).view(N, k, -1)
         return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
 
     def grouped_experts(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False) -> torch.Tensor:
@@ -215,7 +341,7 @@ class RoutedExperts(nn.Module):
             gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offs).chunk(2, dim=-1)
             return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, down, offs=offs))
         if x.device.type == "cpu" and dtype == torch.bfloat16 and x.shape[0]:
-            return self._padded_loop(x.to(dtype), counts, dtype, run_empty)
+            return _PaddedExperts.apply(x, counts, self.gate_up, self.down)
         return self._loop(x, counts, run_empty)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False, dtype=None) -> torch.Tensor:
@@ -233,20 +359,6 @@ class RoutedExperts(nn.Module):
                 gate, up = F.linear(block, gate_up[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down[e]))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])  # no in-place writes: small nodes
-
-    def _padded_loop(self, x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype, run_empty: bool) -> torch.Tensor:
-        """The loop in bf16 on a CPU, each expert's rows padded with zero rows to a multiple of
-        ROW_BUCKET. oneDNN compiles a bf16 matmul kernel per new shape (~20-40 ms each, measured), and
-        the unpadded row counts change every step, so without padding nearly every expert matmul, and
-        its two gradient matmuls, paid a compilation; padded, the few shapes hit its cache. Zero rows
-        give zero outputs and add nothing to the weight gradients."""
-        padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
-        rows = torch.arange(x.shape[0], device=x.device)
-        first = (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=x.shape[0])
-        slot = (padded.cumsum(0) - padded).repeat_interleave(counts, output_size=x.shape[0]) + rows - first
-        total = int(padded.sum())
-        xp = x.new_zeros(total, x.shape[1]).index_copy(0, slot, x)  # (sum padded, D)
-        return self._loop(xp, padded, run_empty, dtype).index_select(0, slot)
 
     def _few_pairs(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one or two tokens: each (token, expert) pair runs on its own, the down projection
