@@ -330,15 +330,21 @@ INT8_RATIOS = [
 ]
 
 
-def bench_int8_only(name: str, quick: bool) -> dict:
-    """Only the int8 against fp32 inference rows of config `name` (no transformers, no training)."""
+def inference_only(name, quick: bool, rows_of, ratios) -> dict:
+    """Only one group of inference rows (`rows_of(model, batch, quick, rows)`) of config `name` (a preset
+    or a ModelConfig; no transformers, no training), with their ratios (label, row a, row b): a / b."""
     cfg = name if isinstance(name, ModelConfig) else ModelConfig.preset(name, num_nextn_predict_layers=0)
     model = random_model(cfg).eval()
     batch = torch.randint(0, cfg.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
     rows: dict = {}
-    res = {"config": name, **int8_inference_rows(model, batch, quick, rows), "rows": rows}
-    res["ratios"] = {label: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for label, a, b in INT8_RATIOS}
+    res = {"config": name, **rows_of(model, batch, quick, rows), "rows": rows}
+    res["ratios"] = {label: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for label, a, b in ratios}
     return res
+
+
+def bench_int8_only(name: str, quick: bool) -> dict:
+    """Only the int8 against fp32 inference rows of config `name`."""
+    return inference_only(name, quick, int8_inference_rows, INT8_RATIOS)
 
 
 def print_int8_table(results: list[dict]):
@@ -364,14 +370,8 @@ BF16_RATIOS = [
 
 
 def bench_bf16_only(name: str, quick: bool) -> dict:
-    """Only the bf16 inference rows of config `name` (no transformers, no training)."""
-    cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
-    model = random_model(cfg).eval()
-    batch = torch.randint(0, cfg.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
-    rows: dict = {}
-    res = {"config": name, **bf16_inference_rows(model, batch, quick, rows), "rows": rows}
-    res["ratios"] = {label: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for label, a, b in BF16_RATIOS}
-    return res
+    """Only the bf16 inference rows of config `name`."""
+    return inference_only(name, quick, bf16_inference_rows, BF16_RATIOS)
 
 
 # ---- training in bf16 against fp32 ---------------------------------------------------------------

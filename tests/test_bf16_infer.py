@@ -198,30 +198,39 @@ def test_dtype_and_precision_together_is_one_line_exit_2(toy, capsys, command):
     assert_one_line_error(code, capsys.readouterr().err, "--dtype float32", "--precision bf16")
 
 
-def test_chat_prints_its_precision(toy, monkeypatch, capsys):
+# (flag, value, the plan's name in /health and eval's JSON, what the command prints): --quantize int8 is
+# an inference plan like --precision, reported the same way (tests/test_quant.py tests its numbers)
+PLANS = [("--precision", "bf16", "bf16", "precision: bf16 (requested)"),
+         ("--quantize", "int8", "int8", "precision: int8 (int8 weights")]
+
+
+@pytest.mark.parametrize("flag,value,name,printed", PLANS)
+def test_chat_prints_its_precision(toy, monkeypatch, capsys, flag, value, name, printed):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-    assert main(["chat", str(toy), "--temperature", "0", "--no-color", "--precision", "bf16"]) == 0
+    assert main(["chat", str(toy), "--temperature", "0", "--no-color", flag, value]) == 0
     captured = capsys.readouterr()
-    assert CONVERSATIONS[0][2] in captured.out and "precision: bf16 (requested)" in captured.err
+    assert CONVERSATIONS[0][2] in captured.out and printed in captured.err
 
 
-def test_serve_health_reports_the_precision(toy):
+@pytest.mark.parametrize("flag,value,name,printed", PLANS)
+def test_serve_health_reports_the_precision(toy, flag, value, name, printed):
     from fastapi.testclient import TestClient
 
     from nanoseek.serve import build_app
-    app, scheduler = build_app(toy, max_batch=2, precision="bf16")
+    app, scheduler = build_app(toy, max_batch=2, **{flag.lstrip("-"): value})
     try:
         with TestClient(app) as client:
-            assert client.get("/health").json()["precision"] == "bf16"
+            assert client.get("/health").json()["precision"] == name
     finally:
         scheduler.shutdown()
 
 
-def test_eval_records_its_precision(tiny_task_model, capsys):
+@pytest.mark.parametrize("flag,value,name,printed", PLANS)
+def test_eval_records_its_precision(tiny_task_model, capsys, flag, value, name, printed):
     assert main(["eval", str(tiny_task_model), "--task", "addition3", "--n", "2", "--k", "0",
-                 "--max-new-tokens", "3", "--precision", "bf16", "--json"]) == 0
+                 "--max-new-tokens", "3", flag, value, "--json"]) == 0
     captured = capsys.readouterr()
-    assert '"precision": "bf16"' in captured.out and "precision: bf16 (requested)" in captured.err
+    assert f'"precision": "{name}"' in captured.out and printed in captured.err
 
 
 def test_bf16_experts_on_a_cpu_take_grouped_mm_without_gradients_only():

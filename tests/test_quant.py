@@ -4,9 +4,7 @@ on chat, serve and eval with its errors."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import pytest
 import torch
@@ -226,30 +224,7 @@ def test_load_engine_int8_replays_the_toy_conversations(toy):
 
 
 # ---- the commands --------------------------------------------------------------------------------
-def test_chat_with_int8_replays_and_prints_the_plan(toy, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-    assert main(["chat", str(toy), "--temperature", "0", "--no-color", "--quantize", "int8"]) == 0
-    captured = capsys.readouterr()
-    assert CONVERSATIONS[0][2] in captured.out and "precision: int8 (int8 weights" in captured.err
-
-
-def test_serve_health_reports_int8(toy):
-    from fastapi.testclient import TestClient
-
-    from nanoseek.serve import build_app
-    app, scheduler = build_app(toy, max_batch=2, quantize="int8")
-    try:
-        with TestClient(app) as client:
-            assert client.get("/health").json()["precision"] == "int8"
-    finally:
-        scheduler.shutdown()
-
-
-def test_eval_with_int8_records_it(tiny_task_model, capsys):
-    assert main(["eval", str(tiny_task_model), "--task", "addition3", "--n", "2", "--k", "0",
-                 "--max-new-tokens", "3", "--quantize", "int8", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert '"precision": "int8"' in captured.out and "precision: int8 (int8 weights" in captured.err
+# chat, serve and eval report --quantize int8 as their plan: tests/test_bf16_infer.py (PLANS)
 
 
 @pytest.mark.parametrize("argv,words", [
