@@ -127,28 +127,32 @@ def test_a_huge_prompt_is_refused_without_tokenizing(server, monkeypatch):
 
 
 def test_tokenizing_leaves_the_event_loop_free(server, monkeypatch):
+    """While requests are stuck in tokenizing (held on an event, not slowed by a sleep: no timing
+    threshold), /health still answers: tokenizing runs off the event loop."""
     tokenizer = server.app.state.api.tokenizer
     encode = tokenizer.encode
+    entered, release = threading.Event(), threading.Event()
 
-    def slow(text):
-        time.sleep(0.6)
+    def held(text):
+        entered.set()
+        release.wait(30)
         return encode(text)
-    monkeypatch.setattr(tokenizer, "encode", slow)
+    monkeypatch.setattr(tokenizer, "encode", held)
     codes = []
     threads = [threading.Thread(target=lambda: codes.append(
         post(server, "/v1/completions", {"prompt": "the sea", "max_tokens": 2}).status_code)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.1)
-    waits = []
-    for _ in range(5):
-        start = time.perf_counter()
-        assert httpx.get(server.url + "/health").status_code == 200
-        waits.append(time.perf_counter() - start)
-        time.sleep(0.05)
-    for t in threads:
-        t.join(30)
-    assert codes == [200] * 4 and max(waits) < 0.3, waits
+    try:
+        for t in threads:
+            t.start()
+        assert entered.wait(10), "no request reached the tokenizer"
+        for _ in range(3):  # a blocked loop would hold these until `release` (30 s): the client gives up at 10
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert not release.is_set()  # answered while every tokenizing request was still held
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert codes == [200] * 4
 
 
 # ---- defect 4: lone surrogates -----------------------------------------------------------------------
