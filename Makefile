@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # seeds of `make demo`, run as parallel one-thread processes; the report card's verdicts pair them over
-# seeds (3 x ~480 CPU-seconds: about 14 minutes on 2 cores from a fresh clone, install included)
+# seeds (3 x ~440 CPU-seconds: 13 minutes on an idle 2-core CPU from a fresh clone, install included)
 DEMO_SEEDS ?= 3
 
 .PHONY: install test demo bench clean browser

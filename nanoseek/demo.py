@@ -46,7 +46,7 @@ class DemoSettings:
     eval_problems: int = 500
     vocab_size: int = 263  # byte-level, no merges: every digit is its own token (arithmetic needs that)
     sft_steps: int = 800  # 800 x 16 rows: chosen on dev problems over 400 x 32 (MoE 45% against 14%, the same
-    grpo_steps: int = 30  # tokens); with grpo_steps sized so that three seeds (~480 CPU-s each) fit 15 min on 2 cores
+    grpo_steps: int = 30  # tokens); with grpo_steps sized so that three seeds (~440 CPU-s each) fit 15 min on 2 cores
     prompts_per_step: int = 16
     group_size: int = 8
     batch_size: int = 16
