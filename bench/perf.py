@@ -347,16 +347,20 @@ def bench_int8_only(name: str, quick: bool) -> dict:
     return inference_only(name, quick, int8_inference_rows, INT8_RATIOS)
 
 
-def print_int8_table(results: list[dict]):
+def print_inference_table(results: list[dict], what: str, notes):
+    """The rows (tokens/s, peak RSS MB) and ratios of a single-group inference mode, then `notes(res)`."""
     for res in results:
-        print(f"== {res['config']}: int8 weights against fp32 (tokens/s; interleaved, medians; "
-              f"threads {torch.get_num_threads()})")
+        print(f"== {res['config']}: {what} (tokens/s; interleaved, medians; threads {torch.get_num_threads()})")
         for key, r in res["rows"].items():
             print(f"{key:<34}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}")
         for label, value in res["ratios"].items():
             print(f"  {label:<40}{value:>8.2f}x")
-        print_int8_error(res)
+        notes(res)
         print()
+
+
+def print_int8_table(results: list[dict]):
+    print_inference_table(results, "int8 weights against fp32", print_int8_error)
 
 
 BF16_RATIOS = [
@@ -515,14 +519,7 @@ def print_bf16_notes(res: dict):
 
 
 def print_bf16_table(results: list[dict]):
-    for res in results:
-        print(f"== {res['config']}: bf16 inference (tokens/s; interleaved, medians)")
-        for key, r in res["rows"].items():
-            print(f"{key:<34}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}")
-        for label, value in res["ratios"].items():
-            print(f"  {label:<40}{value:>8.2f}x")
-        print_bf16_notes(res)
-        print()
+    print_inference_table(results, "bf16 inference", print_bf16_notes)
 
 
 def bench_rollout_rows(configs: list[str], quick: bool, llama=llama_column.NoColumn()) -> list[dict]:
