@@ -15,7 +15,8 @@ and writes bench/results/perf.json.
 (the trainer's path: autocast, fp32 router and master weights, the fused chunked CE) beside transformers'
 DeepseekV3 in fp32 and under the same autocast and nanoseek's dense twin (`dense_twin`: the MoE step's
 overhead) in both, interleaved step by step on one model each (the weights drift, the timing does not
-care); writes bench/results/perf_train_precision.json.
+care), with freed memory kept for reuse as the trainers do (nanoseek.train.allocator; --default-malloc:
+glibc's defaults); writes bench/results/perf_train_precision.json.
     .venv/bin/python bench/perf.py --rollouts [--configs bench-8m]    # GRPO rollouts, bench/rollouts.py
     .venv/bin/python bench/perf.py --only-int8 [--configs ...]        # int8 against fp32 inference only
 
@@ -54,6 +55,7 @@ from nanoseek.infer.compute import compute_models, inference_precision  # noqa: 
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.params import count_parameters  # noqa: E402
 from nanoseek.precision import Precision  # noqa: E402
+from nanoseek.train.allocator import keep_freed_memory  # noqa: E402
 
 import llama_column  # noqa: E402  (bench/, the script's folder)
 
@@ -403,8 +405,11 @@ def precision_train_step(model, batch, precision: str, ours: bool, opt):
     return step
 
 
-def bench_train_precision(name: str, quick: bool) -> dict:
-    """tokens/s of the four training steps (nanoseek / transformers x fp32 / bf16), interleaved."""
+def bench_train_precision(name: str, quick: bool, default_malloc: bool = False) -> dict:
+    """tokens/s of the four training steps (nanoseek / transformers x fp32 / bf16), interleaved, with
+    freed memory kept for reuse as nanoseek's trainers run (nanoseek.train.allocator; both sides get
+    it) unless `default_malloc`."""
+    kept = False if default_malloc else keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         model, hf = build(name, Path(tmp) / "m")
     B, T = 8, 256
@@ -427,14 +432,16 @@ def bench_train_precision(name: str, quick: bool) -> dict:
         ratios[f"MoE / dense twin step time ({precision})"] = (tps[f"train nanoseek dense twin {precision}"]
                                                               / tps[f"train nanoseek {precision}"])
     goal = TRAIN_PRECISION_GOAL.get(name)
-    return {"config": name, "rows": rows, "ratios": ratios, "goal_bf16_over_fp32": goal,
+    return {"config": name, "rows": rows, "ratios": ratios, "malloc_keeps_freed_memory": kept,
+            "goal_bf16_over_fp32": goal,
             "goal_holds": goal is not None and ratios["nanoseek bf16 / nanoseek fp32"] >= goal,
             "goal_moe_over_dense": MOE_DENSE_GOAL.get(name)}
 
 
 def print_train_precision(results: list[dict]):
     for res in results:
-        print(f"== {res['config']}: training step, batch 8 x 256, threads {torch.get_num_threads()}")
+        print(f"== {res['config']}: training step, batch 8 x 256, threads {torch.get_num_threads()}, freed memory "
+              f"{'kept (as the trainers run)' if res['malloc_keeps_freed_memory'] else 'returned (malloc defaults)'}")
         for key, r in res["rows"].items():
             print(f"  {key:<34}{r['tokens_per_s']:>10.1f} tokens/s")
         for label, ratio in res["ratios"].items():
@@ -547,6 +554,8 @@ def main():
                     help="only the bf16 against fp32 inference rows (no transformers, no training)")
     ap.add_argument("--train-precision", action="store_true",
                     help="only the bf16-vs-fp32 training rows (see the module docstring)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="--train-precision with glibc's malloc defaults (the trainers keep freed memory)")
     ap.add_argument("--only-int8", action="store_true",
                     help="only the int8 against fp32 inference rows (--quantize int8; no transformers)")
     ap.add_argument("--rollouts", action="store_true",
@@ -557,7 +566,8 @@ def main():
     llama = lambda: llama_column.for_perf(args.llama, torch.get_num_threads())  # noqa: E731
     only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick, llama()), None),
             (args.train_precision, "perf_train_precision.json",
-             lambda: [bench_train_precision(name, args.quick) for name in args.configs], print_train_precision),
+             lambda: [bench_train_precision(name, args.quick, args.default_malloc) for name in args.configs],
+             print_train_precision),
             (args.only_bf16_inference, "perf_bf16_inference.json",
              lambda: [bench_bf16_only(name, args.quick) for name in args.configs], print_bf16_table),
             (args.only_int8, "perf_int8_inference.json",

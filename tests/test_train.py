@@ -18,7 +18,7 @@ from nanoseek import ConfigError, load_model
 from nanoseek.data import prepare
 from nanoseek.errors import CheckpointError, DataError
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import TrainingError, load_recipe, train
+from nanoseek.train import TrainingError, load_recipe, loop, train
 from nanoseek.train.common import lr_at, masked_cross_entropy, update_routing_bias
 from nanoseek.train.recipe import TrainRecipe
 
@@ -116,8 +116,11 @@ def test_bias_update_moves_against_load():
 
 
 # ---- runs ---------------------------------------------------------------------------------------
-def test_run_folder_outputs(corpus, tmp_path):
+def test_run_folder_outputs(corpus, tmp_path, monkeypatch):
+    kept = []  # a CPU run keeps freed memory for reuse (nanoseek.train.allocator; tests/test_allocator.py)
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: kept.append(True))
     summary = train(recipe(corpus, tmp_path / "run", sample_every=3, sample_prompt="alpha"))
+    assert kept == [True]
     run = tmp_path / "run"
     assert summary["step"] == 6 and not summary["interrupted"]
     model = load_model(run / "model")

@@ -10,6 +10,8 @@ Routing (DeepSeek-V3 Sec. 2.1.2, V2 Sec. 2.2):
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,6 +208,55 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+class _Bf16Buffers:
+    """Buffers a RoutedExperts keeps between training steps for `_PaddedExperts`: bf16 copies of its
+    fp32 master weights (refreshed with copy_ at every forward) and its bf16 weight gradients.
+
+    A fresh (E, 2I, D) tensor per step costs more than the cast into it: on a CPU the allocator hands
+    back new pages that the kernel zeroes on first touch (bench-192m: `w.to(bf16)` of a 16.7M-element
+    expert stack 12.6 ms, `copy_` into a kept buffer 4.0 ms). The weight copies are in use from a
+    forward until its backward has run; a forward that finds them in use (a second forward before the
+    first one's backward, activation checkpointing's recompute) casts into new tensors instead."""
+
+    def __init__(self):
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grads: dict[int, torch.Tensor] = {}
+        self.owner = None  # weakref to the autograd ctx that reads `weights`, until its backward ran
+
+    def __deepcopy__(self, memo):  # a copied model (GRPO's reference, a dense twin) keeps buffers of its own
+        return _Bf16Buffers()
+
+    def cast(self, ctx, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 copies of the masters for the forward of `ctx` (kept ones when free, else new)."""
+        bf16 = torch.bfloat16
+        if self.owner is not None and self.owner() is not None:
+            return gate_up.to(bf16), down.to(bf16)
+        if self.weights is None or any(w.shape != m.shape or w.device != m.device
+                                       for w, m in zip(self.weights, (gate_up, down))):
+            self.weights = (torch.empty_like(gate_up, dtype=bf16), torch.empty_like(down, dtype=bf16))
+        for w, m in zip(self.weights, (gate_up, down)):
+            w.copy_(m)
+        self.owner = weakref.ref(ctx)
+        return self.weights
+
+    def release(self, ctx):
+        """`ctx`'s backward has run: its weight copies may be overwritten by the next forward."""
+        if self.owner is not None and self.owner() is ctx:
+            self.owner = None
+
+    def grad(self, i: int, weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """A kept bf16 gradient buffer like `weight` (E, ...), zeroed for the experts without rows
+        (its values are cast out before the backward returns, so one buffer serves every step)."""
+        g = self.grads.get(i)
+        if g is None or g.shape != weight.shape or g.device != weight.device:
+            g = self.grads[i] = torch.empty_like(weight)
+        hit = torch.zeros(weight.shape[0], dtype=torch.bool)
+        hit[[e for e, _, _ in blocks]] = True
+        if not hit.all():
+            g[~hit.to(g.device)] = 0
+        return g
+
+
 class _PaddedExperts(torch.autograd.Function):
     """The routed experts in bf16 on a CPU, forward and backward written out: x (R, D) grouped by
     expert (counts[e] rows each), gate_up (E, 2I, D), down (E, D, I) masters in any dtype -> (R, D) bf16.
@@ -217,10 +268,11 @@ class _PaddedExperts(torch.autograd.Function):
     gradients). The six matmuls per expert write into preallocated buffers and the elementwise SwiGLU
     runs once over all rows: the autograd graph of the per-expert loop (chunk, unbind, its stacking
     and cat backwards, ~5 nodes per expert) cost more than the bf16 matmuls saved (bench-192m).
-    The weight gradients are stacked bf16, cast once to the masters' dtype."""
+    The bf16 weight copies and weight gradients live in `buffers` (_Bf16Buffers) between steps; the
+    gradients are cast once to the masters' dtype."""
 
     @staticmethod
-    def forward(ctx, x, counts, gate_up, down):
+    def forward(ctx, x, counts, gate_up, down, buffers):
         bf16 = torch.bfloat16
         padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
         rows = torch.arange(x.shape[0], device=x.device)
@@ -231,7 +283,7 @@ class _PaddedExperts(torch.autograd.Function):
         I = down.shape[-1]
         with torch.autocast(x.device.type, enabled=False):
             xp = x.new_zeros(sum(padded), x.shape[1], dtype=bf16).index_copy_(0, slot, x.to(bf16))
-            w_gu, w_d = gate_up.to(bf16), down.to(bf16)
+            w_gu, w_d = buffers.cast(ctx, gate_up, down) if gate_up.dtype != bf16 else (gate_up, down)
             h = xp.new_empty(xp.shape[0], 2 * I)  # (P, 2I) = [gate | up]
             for e, a, b in blocks:
                 torch.mm(xp[a:b], w_gu[e].t(), out=h[a:b])
@@ -239,20 +291,24 @@ class _PaddedExperts(torch.autograd.Function):
             y = xp.new_empty(xp.shape)
             for e, a, b in blocks:
                 torch.mm(act[a:b], w_d[e].t(), out=y[a:b])
-        ctx.save_for_backward(xp, h, act, w_gu, w_d, slot)
+        # the weight copies are ctx attributes, not saved tensors: the next step's copy_ into the kept
+        # buffers must not trip autograd's version check (buffers.cast never hands out ones in use)
+        ctx.save_for_backward(xp, h, act, slot)
+        ctx.weights, ctx.buffers = (w_gu, w_d), buffers
         ctx.blocks, ctx.x_dtype = blocks, x.dtype
         ctx.dtypes = gate_up.dtype, down.dtype
         return y.index_select(0, slot)
 
     @staticmethod
     def backward(ctx, grad):
-        xp, h, act, w_gu, w_d, slot = ctx.saved_tensors
+        xp, h, act, slot = ctx.saved_tensors
+        (w_gu, w_d), buffers = ctx.weights, ctx.buffers
         blocks, I = ctx.blocks, act.shape[1]
         need_x, need_gu, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         with torch.autocast(xp.device.type, enabled=False):
             gy = xp.new_zeros(xp.shape).index_copy_(0, slot, grad.to(xp.dtype))  # (P, D)
             g_act = act.new_empty(act.shape)
-            g_d = _expert_grads(w_d, blocks) if need_d else None
+            g_d = buffers.grad(1, w_d, blocks) if need_d else None
             for e, a, b in blocks:
                 torch.mm(gy[a:b], w_d[e], out=g_act[a:b])
                 if need_d:
@@ -260,14 +316,17 @@ class _PaddedExperts(torch.autograd.Function):
             gate, up = h[:, :I], h[:, I:]
             g_h = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * F.silu(gate)], dim=1)
             g_x = xp.new_empty(xp.shape) if need_x else None
-            g_gu = _expert_grads(w_gu, blocks) if need_gu else None
+            g_gu = buffers.grad(0, w_gu, blocks) if need_gu else None
             for e, a, b in blocks:
                 if need_x:
                     torch.mm(g_h[a:b], w_gu[e], out=g_x[a:b])
                 if need_gu:
                     torch.mm(g_h[a:b].t(), xp[a:b], out=g_gu[e])
-        return (g_x.index_select(0, slot).to(ctx.x_dtype) if need_x else None, None,
-                g_gu.to(ctx.dtypes[0]) if need_gu else None, g_d.to(ctx.dtypes[1]) if need_d else None)
+        out = (g_x.index_select(0, slot).to(ctx.x_dtype) if need_x else None, None,
+               g_gu.to(ctx.dtypes[0], copy=True) if need_gu else None,
+               g_d.to(ctx.dtypes[1], copy=True) if need_d else None, None)
+        buffers.release(ctx)
+        return out
 
 
 def _blocks(padded: list[int]) -> list[tuple[int, int, int]]:
@@ -278,16 +337,6 @@ def _blocks(padded: list[int]) -> list[tuple[int, int, int]]:
             out.append((e, start, start + n))
         start += n
     return out
-
-
-def _expert_grads(weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
-    """An uninitialised gradient buffer like `weight` (E, ...), zeroed for the experts without rows."""
-    g = torch.empty_like(weight)
-    hit = torch.zeros(weight.shape[0], dtype=torch.bool)
-    hit[[e for e, _, _ in blocks]] = True
-    if not hit.all():
-        g[~hit.to(g.device)] = 0
-    return g
 
 
 class RoutedExperts(nn.Module):
@@ -305,6 +354,7 @@ class RoutedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self._bf16_buffers = _Bf16Buffers()  # CPU bf16 training's kept weight copies (_PaddedExperts)
 
     @torch.compiler.disable  # data-dependent dispatch (and _grouped_mm's meta wants bf16): eager under compile
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -341,7 +391,7 @@ class RoutedExperts(nn.Module):
             gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offs).chunk(2, dim=-1)
             return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, down, offs=offs))
         if x.device.type == "cpu" and dtype == torch.bfloat16 and x.shape[0]:
-            return _PaddedExperts.apply(x, counts, self.gate_up, self.down)
+            return _PaddedExperts.apply(x, counts, self.gate_up, self.down, self._bf16_buffers)
         return self._loop(x, counts, run_empty)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor, run_empty: bool = False, dtype=None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..checkpoint import SHARDED_DIR, consolidate, save_model
 from ..errors import CheckpointError, NanoseekError
 from ..precision import Precision, resolve_precision
 from ..runio import MetricsLogger
+from .allocator import keep_freed_memory
 from .common import (STATE_FILE, copy_tokenizer, flatten_optimizer, latest_checkpoint, load_latest_checkpoint,
                      remove_stale_checkpoint_staging, save_checkpoint, update_routing_bias)
 from .sharded import use_sharded
@@ -331,6 +332,8 @@ def run_loop(algo: Algorithm) -> dict:
     folder = algo.folder
     recipe, parallel, state = folder.recipe, folder.parallel, algo.state
     main = parallel.is_main
+    if torch.device(parallel.device).type == "cpu":
+        keep_freed_memory()  # each step's large tensors reuse warm pages (allocator.py)
     step = state["step"]
     logger = folder.open_metrics(step) if main else None
     bar = tqdm(total=recipe.max_steps, initial=step, desc=algo.name, unit="step", dynamic_ncols=True,
