@@ -302,6 +302,51 @@ def test_padded_bf16_expert_loop_equals_the_plain_loop():
     assert torch.equal(g_x, g_pad[0])
 
 
+def test_kept_bf16_weight_copies_follow_the_masters():
+    """The bf16 copies _PaddedExperts keeps between steps (_Bf16Buffers) are refreshed at every forward:
+    weights changed in place (as fused AdamW does, without a version bump) are what the next forward
+    and its backward read; two forwards before one backward each keep their own copy (the second
+    forward finds the kept one in use); a deep copy of the experts keeps buffers of its own."""
+    import copy
+    experts = random_experts(4, 32, 16, seed=3, std=0.2)
+    counts = torch.tensor([5, 0, 9, 2])
+    x = torch.randn(int(counts.sum()), 32)
+
+    def plain():
+        with torch.autocast(**BF16):
+            out = experts._loop(x.to(torch.bfloat16), counts, dtype=torch.bfloat16)
+        return out, torch.autograd.grad(out.float().square().sum(), [experts.gate_up, experts.down])
+
+    def padded():
+        with torch.autocast(**BF16):
+            return experts.grouped_experts(x, counts)
+
+    first = padded()
+    first.float().square().sum().backward()
+    with torch.no_grad():
+        for w in (experts.gate_up, experts.down):
+            w.data.mul_(-1.5)  # in place, no version bump: a stale copy would go unnoticed by autograd
+    experts.zero_grad()
+    a = padded()  # the kept copies, refreshed
+    b_ref, b_grads = plain()
+    torch.testing.assert_close(a, b_ref, rtol=0.01, atol=0.01)
+    with torch.no_grad():
+        experts.down.data.mul_(0.5)
+    b = padded()  # a's copies are still in use (its backward has not run): b gets copies of its own
+    assert b.data_ptr() != a.data_ptr()
+    b_ref2, b_grads2 = plain()
+    a.float().square().sum().backward()  # a's gradients: the weights as they were at a's forward
+    grads_a = [w.grad.clone() for w in (experts.gate_up, experts.down)]
+    experts.zero_grad()
+    b.float().square().sum().backward()
+    for got, want in zip(grads_a, b_grads):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    for got, want in zip((experts.gate_up.grad, experts.down.grad), b_grads2):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    twin = copy.deepcopy(experts)
+    assert twin._bf16_buffers is not experts._bf16_buffers and twin._bf16_buffers.weights is None
+
+
 def test_grpo_in_bf16_records_it_and_keeps_it_on_resume(policy, tmp_path):
     """GRPO's policy and reference forwards under bf16 autocast: finite losses and KL, the precision
     recorded, kept by an `auto` resume and refused as fp32."""
