@@ -320,3 +320,20 @@ def test_dispatch_and_permutation_gradients_are_bitwise_index_selects():
     (got,) = torch.autograd.grad(ours, x, g)
     (want,) = torch.autograd.grad(plain, x, g)
     assert torch.equal(got, want)
+
+
+def test_rms_norm_of_bf16_rows_is_transformers_formula_bitwise():
+    """RMSNorm on bf16 rows (the q/kv latents under bf16 autocast) runs the fused kernel in fp32; its
+    output and gradients are bitwise those of transformers' DeepseekV3RMSNorm formula."""
+    from nanoseek.model.norm import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(96)
+    norm.weight.data = torch.randn(96)
+    x = torch.randn(4, 16, 96).bfloat16().requires_grad_()
+    y = norm(x)
+    h = x.float()
+    ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, [x, norm.weight], g), torch.autograd.grad(ref, [x, norm.weight], g)):
+        assert torch.equal(a, b)

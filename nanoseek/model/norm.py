@@ -16,6 +16,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel, same numbers
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then the weight: the fused kernel
+        # gives bitwise the numbers of the five-op form (bf16 latents under autocast take this path)
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * h.to(x.dtype)
