@@ -5,8 +5,8 @@ PyTorch's CPU allocator is glibc malloc. malloc serves every block above its mma
 step's large tensors (expert weight stacks' gradients, their bf16 copies: 33-67 MB each for
 bench-192m) arrive as new pages that the kernel zeroes on first touch, step after step. Measured on
 this repository's CPU (2 threads): `w.float()` of a 16.7M-element bf16 tensor 18.5 ms into fresh
-pages against 2.8 ms into a kept buffer; a bench-192m training step 12-16% faster in both fp32 and
-bf16 with the pages kept (docs/precision.md, bench/perf.py --train-precision).
+pages against 2.8 ms into a kept buffer; a bench-192m training step 1.10-1.17x faster in fp32 and
+1.04x in bf16 with the pages kept (quiet machine; docs/precision.md, bench/perf.py --train-precision).
 
 `keep_freed_memory()` tells glibc to serve all blocks from its heap (M_MMAP_MAX = 0) and never to
 trim it (M_TRIM_THRESHOLD): freed blocks stay mapped and are reused, as a caching allocator would.
