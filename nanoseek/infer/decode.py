@@ -40,6 +40,8 @@ class Decoder:
         self.stats = stats
         self.device, self.dtype = self.model.device, self.model.dtype
         self.compile = compile_setting(compile)
+        if self.compile != "off" and (speculative or not compilable(self.model)):
+            self.compile = "off"  # decode_step covers neither (see `compiled_bucket`)
         self._pays: dict[int, bool] = {}  # auto's verdict per batch bucket
 
     def scratch(self, batch: int, length: int) -> LatentCache:
@@ -98,11 +100,11 @@ class Decoder:
         return done
 
     def compiled_bucket(self, n: int, max_batch: int) -> int | None:
-        """The batch bucket a compiled step of n rows runs in, or None to decode eagerly: compile off,
-        speculation, a forward that runs on the bf16 copy, a model `decode_step` does not cover, or
-        (auto) a bucket whose probe did not measure the compiled step MIN_SPEEDUP x faster."""
-        if self.compile == "off" or self.speculative or self.compute.for_tokens(n) is not self.model \
-                or not compilable(self.model):
+        """The batch bucket a compiled step of n rows runs in, or None to decode eagerly: compile off
+        (also with speculation and for a model `decode_step` does not cover), a forward that runs on
+        the bf16 copy, or (auto) a bucket whose probe did not measure the compiled step MIN_SPEEDUP x
+        faster."""
+        if self.compile == "off" or self.compute.for_tokens(n) is not self.model:
             return None
         bucket = next(b for b in buckets(max_batch) if b >= n)
         if self.compile == "auto":
