@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 import weakref
 
 import torch
@@ -40,6 +41,9 @@ from ..precision import cached_probe, machine_key
 
 COMPILE_ENV = "NANOSEEK_COMPILE"  # "1": compile decode steps wherever they can be, "0": never; unset: the probe
 MIN_SPEEDUP = 1.1  # auto compiles a batch bucket only where the probe measured at least this over eager
+# auto probes (and compiles) buckets of at most this many rows: the per-op dispatch a graph removes is
+# what bounds small batches; larger ones stay eager without paying a compile
+AUTO_MAX_BUCKET = 8
 # the routed experts run gathered in the graph for up to this many (token, expert) pairs per step, or
 # when a layer's experts fit in cache (re-reading an expert per pair is then cheap): bench-8m at batch 8
 # (32 pairs, 6 MiB of experts) 2.1x faster than RoutedExperts' eager dispatch; bench-192m at batch 8
@@ -161,10 +165,11 @@ def eager_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, c
 
 
 def compilable(model: Transformer) -> bool:
-    """Whether `decode_step` computes this model: fp32 weights on a CPU, not int8-quantized (quant.py's
-    layers run their own kernels)."""
+    """Whether `decode_step` computes this model: fp32 weights on a CPU, plain tensors (not sharded
+    DTensors), not int8-quantized (quant.py's layers run their own kernels)."""
     from .quant import is_quantized
-    return model.device.type == "cpu" and model.dtype == torch.float32 and not is_quantized(model)
+    return model.device.type == "cpu" and model.dtype == torch.float32 and not is_quantized(model) and \
+        all(type(p.data) is torch.Tensor for p in model.parameters())
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -231,15 +236,25 @@ def compile_setting(requested: bool | None = None) -> str:
 
 
 def compile_pays(model: Transformer, batch: int) -> bool:
-    """auto's verdict for `batch` rows of `model`: the cached probe's compiled / eager speed >= MIN_SPEEDUP."""
-    return probe_speedup(model, batch) >= MIN_SPEEDUP
+    """auto's verdict for a bucket of `batch` rows of `model`: at most AUTO_MAX_BUCKET rows and the
+    cached probe's compiled / eager speed >= MIN_SPEEDUP."""
+    return batch <= AUTO_MAX_BUCKET and probe_speedup(model, batch) >= MIN_SPEEDUP
 
 
 def probe_speedup(model: Transformer, batch: int) -> float:
     """Compiled over eager decode-step speed for `model`'s shapes at `batch` rows on this machine: timed
-    once (the compile is kept for the engine) and cached with machine_key() and the config's shapes."""
+    once (the compile is kept for the engine) and cached with machine_key() and the config's shapes.
+    A compile that fails here (no C++ compiler, an unsupported backend) is recorded as no speed-up."""
     key = f"{machine_key()}|decode_compile|config={config_signature(model)}|batch={batch}"
-    return cached_probe(key, "speedup", lambda: _time_speedup(model, batch))
+    return cached_probe(key, "speedup", lambda: _speedup_or_none(model, batch))
+
+
+def _speedup_or_none(model: Transformer, batch: int) -> float:
+    try:
+        return _time_speedup(model, batch)
+    except Exception as e:  # torch.compile's failures have many types (BackendCompilerFailed, OSError, ...)
+        warnings.warn(f"compiled decoding disabled here: torch.compile of the decode step failed ({e!r:.300})")
+        return 1e-6
 
 
 def config_signature(model: Transformer) -> str:
