@@ -134,3 +134,20 @@ def test_auto_follows_the_cached_probe(model, tmp_path, monkeypatch, speedup, co
 def test_speculative_and_bf16_stay_eager(model):
     engine = Engine(model, max_batch=2, max_model_len=64, precision="bf16", compile=True)
     assert engine.decoder.compiled_bucket(1, 2) is None
+
+
+def test_graph_follows_in_place_weight_updates(model):
+    """A trainer updates the weights in place between rollouts (GRPO): the compiled step reads them as
+    they are now, no stale copy."""
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    head = model.lm_head.weight
+    before = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.mul_(-1.5)
+        want, _ = run(model, [PROMPTS[0]], False, params)
+        got, _ = run(model, [PROMPTS[0]], True, params)
+        assert got == want
+    finally:
+        with torch.no_grad():
+            head.copy_(before)

@@ -6,17 +6,23 @@ is the engine's decode forward (`Transformer.forward_cached` of one token per ro
 the latent cache) written without host syncs, data-dependent shapes or complex numbers, so inductor
 traces it whole and fuses the elementwise work between the matmuls:
 
-- RoPE in real arithmetic on the interleaved pairs (the complex product's formula, same values);
+- RoPE in real arithmetic on the interleaved pairs (the complex product's formula);
 - the cache write at slot `length` (a 0-d tensor: a new step is no new graph) in place, and
   attention over every allocated slot with the rows' validity mask and `slot <= length` (the slot
   count is a dynamic dimension: the cache growing is no new graph either);
 - the routed experts as an indirect-indexed reduction over each (token, slot)'s chosen expert
   (`routed_gathered`): inductor reads the chosen experts' rows in place, no gathered copy, no sort,
-  no `.tolist()` (RoutedExperts.forward is eager-only: its dispatch depends on the data).
+  no `.tolist()` (RoutedExperts.forward is eager-only: its dispatch depends on the data). Where that
+  re-reads too many experts from memory (bench-192m at batch 8) RoutedExperts runs eagerly between
+  two graphs;
+- Linears of one or two rows as reductions fused with their neighbours (`dense`).
 
-`CompiledDecode` holds one compiled graph per model and batch size; `compiled_for` keeps one per model
-for the engines that come and go over it (`nanoseek.generate` builds one per call). Whether to use it
-is `compile_decode` (NANOSEEK_COMPILE=0/1, else a cached probe).
+`CompiledDecode` holds a model's graphs, one per batch bucket (1, 2, 4, ..., max_batch: a step of n
+rows runs padded to the next bucket); `compiled_for` keeps one per model for the engines that come and
+go over it (`nanoseek.generate` builds one per call). Whether the engine uses it: `compile_setting`
+(Engine(compile=...), NANOSEEK_COMPILE=1/0, else auto: buckets of at most AUTO_MAX_BUCKET rows whose
+cached probe measured the graph MIN_SPEEDUP x faster than eager). The eager engine stays the reference:
+tests/test_compiled_decode.py checks the tokens are its tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ AUTO_MAX_BUCKET = 8
 GATHERED_MAX_PAIRS = 16
 GATHERED_MAX_BYTES = ALL_EXPERTS_MAX_BYTES
 # one or two rows: Linears as reductions inside the graph (fused with their neighbours: no extern GEMV
-# call each), ~10% of a bench-8m step at batch 1, even on bench-192m
+# call each), ~10% of a bench-8m step at batch 1; on bench-192m the same as MKL's GEMV (measured with
+# every Linear reduced, with those under 1 MiB, and with none)
 REDUCED_MAX_ROWS = 2
 PROBE_SLOTS = 64  # the probe's cache: this many slots, half of them filled
 
