@@ -131,9 +131,17 @@ def test_auto_follows_the_cached_probe(model, tmp_path, monkeypatch, speedup, co
     assert Engine(model, max_batch=2, max_model_len=64, compile=False).decoder.compiled_bucket(2, 2) is None
 
 
-def test_speculative_and_bf16_stay_eager(model):
+def test_speculative_bf16_and_int8_stay_eager(model):
+    """decode_step covers the plain fp32 decode only: speculation (two tokens per row, the MTP layer), bf16
+    weights and int8 models decode eagerly even with compile=True."""
+    from nanoseek.infer.compute import compute_models, inference_precision
+    from nanoseek.infer.decode import Decoder
+    assert Decoder(compute_models(model), speculative=True, stats={}, compile=True).compile == "off"
     engine = Engine(model, max_batch=2, max_model_len=64, precision="bf16", compile=True)
     assert engine.decoder.compiled_bucket(1, 2) is None
+    int8 = compute_models(model, inference_precision("auto", "cpu", quantize="int8"))
+    assert Decoder(int8, speculative=False, stats={}, compile=True).compile == "off"
+    assert Decoder(compute_models(model), speculative=False, stats={}, compile=True).compile == "on"
 
 
 def test_graph_follows_in_place_weight_updates(model):
