@@ -529,6 +529,66 @@ def print_bf16_table(results: list[dict]):
     print_inference_table(results, "bf16 inference", print_bf16_notes)
 
 
+# ---- --compile-decode: the compiled decode step against eager (nanoseek/infer/compiled.py) ----------------
+def compile_decode_rows(model: Transformer, batch: torch.Tensor, quick: bool, rows: dict,
+                        llama=llama_column.NoColumn()) -> dict:
+    """Greedy decode at batch 1 and 8 (32-token prompts) with the engine's decode steps eager
+    (NANOSEEK_COMPILE=0) and compiled (=1), with llama.cpp's rows when its column is on, interleaved;
+    the first compiled call's seconds per batch (compile warm-up, with inductor's on-disk cache as it
+    is) and whether the greedy tokens agree."""
+    from nanoseek.infer.compiled import COMPILE_ENV
+
+    def run(flag: str, prompts, new):
+        os.environ[COMPILE_ENV] = flag
+        try:
+            return generate(model, prompts, max_new_tokens=new)
+        finally:
+            os.environ.pop(COMPILE_ENV)
+    new = 32 if quick else 64
+    out = {}
+    for bs in (1, 8):
+        prompts = batch[:bs, :32].tolist()
+        t = time.perf_counter()
+        compiled = run("1", prompts, new)
+        out[f"compile_warmup_s_b{bs}"] = time.perf_counter() - t
+        out[f"compiled_greedy_equal_eager_b{bs}"] = compiled == run("0", prompts, new)
+        interleaved(rows, {f"decode b{bs} nanoseek eager": (lambda p=prompts: run("0", p, new), bs * new),
+                           f"decode b{bs} nanoseek compiled": (lambda p=prompts: run("1", p, new), bs * new),
+                           **llama.decode(prompts, new)}, 3 if quick else 5)
+    return out
+
+
+COMPILE_RATIOS = [
+    ("decode b1 compiled vs eager", "decode b1 nanoseek compiled", "decode b1 nanoseek eager"),
+    ("decode b8 compiled vs eager", "decode b8 nanoseek compiled", "decode b8 nanoseek eager"),
+]
+COMPILE_LLAMA_RATIOS = [
+    ("decode b1 compiled vs llama.cpp f32", "decode b1 nanoseek compiled", "decode b1 llama.cpp f32"),
+    ("decode b8 compiled vs llama.cpp f32", "decode b8 nanoseek compiled", "decode b8 llama.cpp f32"),
+    ("decode b1 eager vs llama.cpp f32", "decode b1 nanoseek eager", "decode b1 llama.cpp f32"),
+    ("decode b8 eager vs llama.cpp f32", "decode b8 nanoseek eager", "decode b8 llama.cpp f32"),
+]
+
+
+def bench_compile_decode(names: list[str], quick: bool, llama) -> list[dict]:
+    """--compile-decode: `compile_decode_rows` for each config, with the llama.cpp column if present."""
+    results = []
+    for name in names:
+        cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
+        llama.load(random_model(cfg), name)
+        ratios = COMPILE_RATIOS + (COMPILE_LLAMA_RATIOS if llama.enabled else [])
+        results.append(inference_only(name, quick, lambda m, b, q, r: compile_decode_rows(m, b, q, r, llama),
+                                      ratios))
+    llama.close()
+    return results
+
+
+def print_compile_notes(res: dict):
+    for bs in (1, 8):
+        print(f"  b{bs}: first compiled generate {res[f'compile_warmup_s_b{bs}']:.1f} s (compile warm-up); "
+              f"greedy tokens equal eager's: {res[f'compiled_greedy_equal_eager_b{bs}']}")
+
+
 def bench_rollout_rows(configs: list[str], quick: bool, llama=llama_column.NoColumn()) -> list[dict]:
     """GRPO-shaped rollouts (bench/rollouts.py: 16 prompts x 8 samples, 128 new tokens at T=1) on the
     demo's model and `configs`: nanoseek with repeated prompts, with prefix reuse, and transformers;
@@ -560,6 +620,8 @@ def main():
                     help="only the int8 against fp32 inference rows (--quantize int8; no transformers)")
     ap.add_argument("--rollouts", action="store_true",
                     help="only the GRPO rollout rows (bench/rollouts.py) on the demo's model and --configs")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="only decode b1/b8 with compiled decode steps against eager (and llama.cpp f32)")
     ap.add_argument("--llama", action="store_true",
                     help="build llama-cpp-python's side environment if missing (the llama.cpp column)")
     args = ap.parse_args()
@@ -571,7 +633,10 @@ def main():
             (args.only_bf16_inference, "perf_bf16_inference.json",
              lambda: [bench_bf16_only(name, args.quick) for name in args.configs], print_bf16_table),
             (args.only_int8, "perf_int8_inference.json",
-             lambda: [bench_int8_only(name, args.quick) for name in args.configs], print_int8_table)]
+             lambda: [bench_int8_only(name, args.quick) for name in args.configs], print_int8_table),
+            (args.compile_decode, "perf_compile_decode.json", lambda: bench_compile_decode(args.configs, args.quick, llama()),
+             lambda results: print_inference_table(results, "compiled decode steps against eager",
+                                                   print_compile_notes))]
     for chosen, file_name, run, show in only:
         if chosen:  # one group of rows only: its own JSON beside perf.json
             results = run()

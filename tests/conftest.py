@@ -15,6 +15,9 @@ import torch
 # that compare numbers stay on the fp32 reference path on every machine, AMX or not, and no test pays
 # the bf16 probe (tests/test_precision.py and tests/test_bf16_train.py set what they test explicitly)
 os.environ.setdefault("NANOSEEK_BF16", "0")
+# decode steps run eagerly in tests unless a test asks for the compiled step (tests/test_compiled_decode.py):
+# no test pays a torch.compile warm-up or the compile probe by default
+os.environ.setdefault("NANOSEEK_COMPILE", "0")
 
 # a random tiny MoE for the reasoning tests: byte-level vocabulary, 4 experts, no MTP
 TINY_TASK_MODEL = dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

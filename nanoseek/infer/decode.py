@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..model import LatentCache
+from .compiled import buckets, compilable, compile_pays, compile_setting, compiled_for
 from .compute import ComputeModels
 from .outputs import StepOutputs
 from .request import Request, TokenLogprob
@@ -27,15 +28,21 @@ from .slots import Slots
 class Decoder:
     """Runs the engine's models (`compute`: the main one and, for a split precision, its bf16 copy for
     forwards of many tokens); `speculative` drafts with the MTP module. `stats` is the engine's counter
-    dict ("drafted", "accepted"). The cache is in the main model's dtype; logits reach the sampler in fp32."""
+    dict ("drafted", "accepted"). The cache is in the main model's dtype; logits reach the sampler in fp32.
+    `compile` (True | False | None: NANOSEEK_COMPILE, else auto) runs plain decode steps as one compiled
+    graph (`nanoseek.infer.compiled`) where that can be and, under auto, where its probe measured it faster."""
 
-    def __init__(self, compute: ComputeModels, speculative: bool, stats: dict):
+    def __init__(self, compute: ComputeModels, speculative: bool, stats: dict, compile: bool | None = None):
         self.compute = compute
         self.model = compute.main
         self.config = self.model.config
         self.speculative = speculative
         self.stats = stats
         self.device, self.dtype = self.model.device, self.model.dtype
+        self.compile = compile_setting(compile)
+        if self.compile != "off" and (speculative or not compilable(self.model)):
+            self.compile = "off"  # decode_step covers neither (see `compiled_bucket`)
+        self._pays: dict[int, bool] = {}  # auto's verdict per batch bucket
 
     def scratch(self, batch: int, length: int) -> LatentCache:
         """A cache of its own for a prefill (its rows then join the shared one)."""
@@ -73,13 +80,17 @@ class Decoder:
         """One token for every running row; returns the rows that finished."""
         slots.ensure_room(1)
         rows = slots.rows
-        ids = torch.tensor([[r.last] for r in rows], device=self.device)
-        positions = torch.tensor([[r.pos] for r in rows], device=self.device)
-        view = slots.view()
-        model = self.compute.for_tokens(len(rows))
-        logits = model.forward_cached(ids, view, positions, last_only=True).logits
-        slots.length = view.length
-        tokens = self.pick(rows, logits[:, 0].float())
+        bucket = self.compiled_bucket(len(rows), slots.max_batch)
+        if bucket is not None:
+            logits = self.compiled_logits(slots, bucket)
+        else:
+            ids = torch.tensor([[r.last] for r in rows], device=self.device)
+            positions = torch.tensor([[r.pos] for r in rows], device=self.device)
+            view = slots.view()
+            model = self.compute.for_tokens(len(rows))
+            logits = model.forward_cached(ids, view, positions, last_only=True).logits[:, 0].float()
+            slots.length = view.length
+        tokens = self.pick(rows, logits)
         done = []
         for i, (req, token) in enumerate(zip(rows, tokens)):
             req.pos += 1
@@ -87,6 +98,34 @@ class Decoder:
             if outputs.accept(req, token):
                 done.append(i)
         return done
+
+    def compiled_bucket(self, n: int, max_batch: int) -> int | None:
+        """The batch bucket a compiled step of n rows runs in, or None to decode eagerly: compile off
+        (also with speculation and for a model `decode_step` does not cover), a forward that runs on
+        the bf16 copy, or (auto) a bucket whose probe did not measure the compiled step MIN_SPEEDUP x
+        faster."""
+        if self.compile == "off" or self.compute.for_tokens(n) is not self.model:
+            return None
+        bucket = next(b for b in buckets(max_batch) if b >= n)
+        if self.compile == "auto":
+            if bucket not in self._pays:
+                self._pays[bucket] = compile_pays(self.model, bucket)
+            if not self._pays[bucket]:
+                return None
+        return bucket
+
+    def compiled_logits(self, slots: Slots, bucket: int) -> torch.Tensor:
+        """One compiled decode step of the running rows, padded to `bucket` rows (the padding rows
+        write their cache rows beyond the running ones, which a joining request overwrites) -> logits
+        (n, V) fp32; the cache advances by one slot."""
+        rows, L = slots.rows, slots.length
+        pad = [0] * (bucket - len(rows))
+        ids = torch.tensor([r.last for r in rows] + pad, device=self.device)
+        positions = torch.tensor([r.pos for r in rows] + pad, device=self.device)
+        slots.valid[: len(rows), L] = True
+        logits = compiled_for(self.model)(ids, positions, slots.kv[:, :bucket], slots.valid[:bucket], L)
+        slots.length = L + 1
+        return logits[: len(rows)]
 
     def decode_speculative(self, slots: Slots, outputs: StepOutputs) -> list[int]:
         """Verify every row's draft (one or two new tokens each), then draft again; returns the rows

@@ -45,12 +45,16 @@ class Engine:
     prefix_reuse: identical prompts admitted in one step are prefilled once and their cache rows
     copied to each request (`stats["reused_prompts"]` counts the prefills saved); False prefills
     every request's prompt (the reference path).
+
+    compile: decode steps as one torch.compile graph per batch bucket (`nanoseek.infer.compiled`): True,
+    False, or None for NANOSEEK_COMPILE (1 / 0), else auto (where a cached probe measured it faster).
+    fp32 on a CPU, without speculation; the first step of each bucket pays the compile.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, prefill_chunk: int = 512, eos_ids=None,
                  precision: str | Precision | InferencePrecision | ComputeModels | None = None,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, compile: bool | None = None):
         cfg = model.config
         if speculative and (cfg.num_nextn_predict_layers < 1 or not len(model.mtp)):
             raise ConfigError("speculative decoding needs a model with MTP weights (num_nextn_predict_layers >= 1); "
@@ -75,7 +79,7 @@ class Engine:
                       "compactions": 0, "reused_prompts": 0}
         self.admission = Admission(max_batch, prefill_chunk)
         self.slots = Slots(cfg, self.n_layers, max_batch, self.max_slots, self.device, self.dtype, self.stats)
-        self.decoder = Decoder(self.compute, speculative, self.stats)
+        self.decoder = Decoder(self.compute, speculative, self.stats, compile=compile)
 
     # ---- requests -------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,
