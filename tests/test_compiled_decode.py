@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from nanoseek import ModelConfig, Transformer, generate
+from nanoseek import ConfigError, ModelConfig, Transformer, generate
 from nanoseek.infer import Engine
 from nanoseek.infer.compiled import (COMPILE_ENV, buckets, compile_setting, compiled_for, config_signature,
                                      decode_step, eager_step, routed_gathered)
@@ -114,7 +114,12 @@ def test_generate_reads_the_env(model, monkeypatch):
     assert compile_setting() == "off"
     assert got == generate(model, [PROMPTS[0]], max_new_tokens=12)
     monkeypatch.delenv(COMPILE_ENV)
+    assert compile_setting() == "off"  # opt-in: the compile stalls a short session for 15-30 s
+    monkeypatch.setenv(COMPILE_ENV, "auto")
     assert compile_setting() == "auto"
+    monkeypatch.setenv(COMPILE_ENV, "yes")
+    with pytest.raises(ConfigError, match="NANOSEEK_COMPILE='yes'"):
+        compile_setting()
 
 
 @pytest.mark.parametrize("speedup, compiled", [(0.8, False), (2.0, True)])
@@ -122,7 +127,7 @@ def test_auto_follows_the_cached_probe(model, tmp_path, monkeypatch, speedup, co
     """auto compiles a bucket only where the cached probe measured MIN_SPEEDUP or more (the cache is
     written here: the probe itself is not run)."""
     monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(COMPILE_ENV)
+    monkeypatch.setenv(COMPILE_ENV, "auto")
     key = f"{machine_key()}|decode_compile|config={config_signature(model)}|batch=2"
     (tmp_path / PROBE_FILE).write_text(json.dumps({key: {"speedup": speedup}}))
     engine = Engine(model, max_batch=2, max_model_len=64)

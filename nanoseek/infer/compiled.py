@@ -20,8 +20,10 @@ traces it whole and fuses the elementwise work between the matmuls:
 `CompiledDecode` holds a model's graphs, one per batch bucket (1, 2, 4, ..., max_batch: a step of n
 rows runs padded to the next bucket); `compiled_for` keeps one per model for the engines that come and
 go over it (`nanoseek.generate` builds one per call). Whether the engine uses it: `compile_setting`
-(Engine(compile=...), NANOSEEK_COMPILE=1/0, else auto: buckets of at most AUTO_MAX_BUCKET rows whose
-cached probe measured the graph MIN_SPEEDUP x faster than eager). The eager engine stays the reference:
+(Engine(compile=...), else NANOSEEK_COMPILE=1/0/auto, else off; auto: buckets of at most AUTO_MAX_BUCKET
+rows whose cached probe measured the graph MIN_SPEEDUP x faster than eager). Off by default: each
+process pays 15-30 s of compiling per bucket on a 2-core CPU (4-7 s from inductor's disk cache), a
+stall a short chat or a serving process's first requests would feel; opt in where decoding runs long.) The eager engine stays the reference:
 tests/test_compiled_decode.py checks the tokens are its tokens.
 """
 
@@ -40,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..model import LatentCache, Transformer
 from ..model.attention import MLA
 from ..model.moe import ALL_EXPERTS_MAX_BYTES, MLP, MoE
 from ..precision import cached_probe, machine_key
 
-COMPILE_ENV = "NANOSEEK_COMPILE"  # "1": compile decode steps wherever they can be, "0": never; unset: the probe
+COMPILE_ENV = "NANOSEEK_COMPILE"  # "1": compile wherever it can, "auto": where the probe says, "0"/unset: never
 MIN_SPEEDUP = 1.1  # auto compiles a batch bucket only where the probe measured at least this over eager
 # auto probes (and compiles) buckets of at most this many rows: the per-op dispatch a graph removes is
 # what bounds small batches; larger ones stay eager without paying a compile
@@ -236,13 +239,15 @@ def compiled_for(model: Transformer) -> CompiledDecode:
 
 # ---- whether to compile ----------------------------------------------------------------------------
 def compile_setting(requested: bool | None = None) -> str:
-    """on | off | auto: `requested` when given, else NANOSEEK_COMPILE (1 on, 0 off), else auto."""
+    """on | off | auto: `requested` when given, else NANOSEEK_COMPILE (1 on, 0 off, auto), else off.
+    An unknown NANOSEEK_COMPILE value is a ConfigError naming it."""
     if requested is not None:
         return "on" if requested else "off"
-    forced = os.environ.get(COMPILE_ENV)
-    if forced in ("0", "1"):
-        return "on" if forced == "1" else "off"
-    return "auto"
+    forced = os.environ.get(COMPILE_ENV, "0")
+    settings = {"1": "on", "0": "off", "auto": "auto"}
+    if forced not in settings:
+        raise ConfigError(f"{COMPILE_ENV}={forced!r}: expected 1 (on), 0 (off) or auto")
+    return settings[forced]
 
 
 def compile_pays(model: Transformer, batch: int) -> bool:

@@ -29,7 +29,7 @@ class Decoder:
     """Runs the engine's models (`compute`: the main one and, for a split precision, its bf16 copy for
     forwards of many tokens); `speculative` drafts with the MTP module. `stats` is the engine's counter
     dict ("drafted", "accepted"). The cache is in the main model's dtype; logits reach the sampler in fp32.
-    `compile` (True | False | None: NANOSEEK_COMPILE, else auto) runs plain decode steps as one compiled
+    `compile` (True | False | None: NANOSEEK_COMPILE, else off) runs plain decode steps as one compiled
     graph (`nanoseek.infer.compiled`) where that can be and, under auto, where its probe measured it faster."""
 
     def __init__(self, compute: ComputeModels, speculative: bool, stats: dict, compile: bool | None = None):

@@ -47,7 +47,7 @@ class Engine:
     every request's prompt (the reference path).
 
     compile: decode steps as one torch.compile graph per batch bucket (`nanoseek.infer.compiled`): True,
-    False, or None for NANOSEEK_COMPILE (1 / 0), else auto (where a cached probe measured it faster).
+    False, or None for NANOSEEK_COMPILE (1 / 0 / auto: where a cached probe measured it faster), else off.
     fp32 on a CPU, without speculation; the first step of each bucket pays the compile.
     """
 
