@@ -59,6 +59,24 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+QUANTIZE_CHUNK = 1 << 22  # elements quantized at once by quantize_rows_into (16 MB of fp32 temporaries)
+
+
+@torch.no_grad()
+def quantize_rows_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       scale_bf16: torch.Tensor | None = None) -> None:
+    """quantize_rows(w) written into q (out, in) int8, scale (out,) and scale_bf16 (out,), a block of
+    rows at a time, so the fp32 temporaries stay near QUANTIZE_CHUNK elements whatever w's size (w may
+    be bf16: the rows are quantized from their exact fp32 values, bit for bit as quantize_rows)."""
+    rows = max(1, QUANTIZE_CHUNK // max(1, w.shape[-1]))
+    for i in range(0, w.shape[0], rows):
+        qi, si = quantize_rows(w[i:i + rows])
+        q[i:i + rows] = qi
+        scale[i:i + rows] = si
+        if scale_bf16 is not None:
+            scale_bf16[i:i + rows] = si.bfloat16()
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q (..., out, in) int8, scale (..., out) -> the weights q * scale in `dtype`."""
     return q.to(dtype) * scale.to(dtype).unsqueeze(-1)
