@@ -74,7 +74,7 @@ def test_quantize_rows_into_is_quantize_rows_in_blocks(monkeypatch):
     quantize_rows_into(w, q, s, sb)
     want_q, want_s = quantize_rows(w.float())
     assert torch.equal(q, want_q) and torch.equal(s, want_s) and torch.equal(sb, want_s.bfloat16())
-    assert QUANTIZE_CHUNK >= 1 << 20  # the real blocks are large: few calls per tensor
+    assert QUANTIZE_CHUNK >= 1 << 14  # the real blocks are not tiny: few calls per tensor
 
 
 # ---- bad checkpoints -----------------------------------------------------------------------------

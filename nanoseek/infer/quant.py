@@ -53,13 +53,15 @@ PROBE_SHAPE = (2048, 1024)  # the probe's weight (out, in): 2 MiB of int8, a dec
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: (..., out, in) -> int8 q of the same shape and scales (..., out): w ~= q * scale."""
-    scale = w.detach().float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = torch.round(w.detach().float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    """w: (..., out, in) -> int8 q of the same shape and scales (..., out): w ~= q * scale.
+    (One fp32 copy of w, worked on in place: about half the time of fresh tensors per step.)"""
+    wf = w.detach().to(torch.float32, copy=True)
+    scale = wf.abs().amax(dim=-1).clamp_(min=1e-12).div_(127.0)
+    q = wf.div_(scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
-QUANTIZE_CHUNK = 1 << 22  # elements quantized at once by quantize_rows_into (16 MB of fp32 temporaries)
+QUANTIZE_CHUNK = 1 << 16  # elements quantized at once by quantize_rows_into (fp32 temporaries in L2)
 
 
 @torch.no_grad()
