@@ -63,17 +63,23 @@ del x
 N, K = 2816, 2048  # 1 GiB of distinct expert-sized int8 weights: nothing comes from the caches
 qs = [torch.randint(-127, 128, (N, K), dtype=torch.int8) for _ in range(2**30 // (N * K))]
 s = torch.rand(N).bfloat16(); v = torch.randn(1, K).bfloat16()
-gemv = len(qs) * (N * K + 2 * N) / median_seconds(lambda: [torch._weight_int8pack_mm(v, q, s) for q in qs], 5)
+gemv = {"int8pack": len(qs) * (N * K + 2 * N) / median_seconds(lambda: [torch._weight_int8pack_mm(v, q, s) for q in qs], 5)}
+from nanoseek.infer.quant import avx512_extension
+ext, s32, v32 = avx512_extension(), s.float(), v.float()
+if ext is not None:
+    gemv["avx512"] = len(qs) * (N * K + 4 * N) / median_seconds(lambda: [ext.int8_gemv(v32, q, s32) for q in qs], 5)
 print(json.dumps({"read_bytes_per_s": max(read.values()), "read_probes": read, "int8_gemv_bytes_per_s": gemv,
                   "threads": threads}))
 """
 
 CHILD = r"""
-import json, statistics, sys, time, warnings
+import json, os, statistics, sys, time, warnings
 warnings.simplefilter("ignore")
 import torch
 from nanoseek import generate
 from nanoseek.infer.int8_load import load_int8_model
+from nanoseek.infer.quant import KERNEL_ENV, forget_kernel_choice, int8_kernel
+BLOCK = 4
 from nanoseek.model import LatentCache
 sys.path.insert(0, sys.argv[4])
 from v2lite import activated_bytes
@@ -91,22 +97,32 @@ peak = hwm()
 torch.set_num_threads(threads)
 cfg = model.config
 prompt = torch.randint(0, cfg.vocab_size, (1, %d), generator=torch.Generator().manual_seed(0))
-steps = []
-with torch.no_grad():
-    cache = LatentCache(cfg, 1, prompt.shape[1] + tokens + 1)
+kernels = sys.argv[5].split(",") if len(sys.argv) > 5 and sys.argv[5] else []
+steps = {k or "probed": [] for k in kernels or [""]}
+def use(kernel):
+    if kernel:
+        os.environ[KERNEL_ENV] = kernel
+    else:
+        os.environ.pop(KERNEL_ENV, None)
+    forget_kernel_choice(model)
+with torch.no_grad():  # the kernels in turn, BLOCK steps each, over one growing cache
+    cache = LatentCache(cfg, 1, prompt.shape[1] + len(steps) * (tokens + BLOCK) + 1)
     nxt = model.forward_cached(prompt, cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
-    out = [int(nxt)]
-    for _ in range(tokens):
-        t = time.perf_counter()
-        nxt = model.forward_cached(nxt, cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
-        steps.append(time.perf_counter() - t)
-        out.append(int(nxt))
+    for _ in range(-(-tokens // BLOCK)):
+        for kernel in kernels or [""]:
+            use(kernel)
+            for _ in range(BLOCK):
+                t = time.perf_counter()
+                nxt = model.forward_cached(nxt, cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
+                steps[kernel or "probed"].append(time.perf_counter() - t)
+use("")
+chosen = int8_kernel().name
 t = time.perf_counter()
 gen = generate(model, [prompt[0].tolist()], max_new_tokens=tokens)[0]
 gen_s = time.perf_counter() - t
 print(json.dumps({"base_rss": base, "peak_rss": peak, "load_seconds": load_s, "step_seconds": steps,
-                  "median_step_seconds": statistics.median(steps[2:] or steps), "generate_seconds": gen_s,
-                  "generate_tokens": len(gen), "same_tokens": gen == out[:len(gen)],
+                  "median_step_seconds": {k: statistics.median(v[1:] or v) for k, v in steps.items()},
+                  "probed_kernel": chosen, "generate_seconds": gen_s, "generate_tokens": len(gen),
                   "activated": activated_bytes(model), "final_rss": hwm()}))
 """ % PROMPT
 
@@ -274,6 +290,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards (it is reused when present)")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens decoded at batch 1 (default 32)")
     ap.add_argument("--threads", type=int, default=2, help="threads for the decode and the bandwidth probe")
+    ap.add_argument("--kernels", default="avx512,int8pack",
+                    help="int8 kernels decoded in turn, 4 steps each (NANOSEEK_INT8_KERNEL; default avx512,int8pack; "
+                         "'' for the probed one only); the headline is the probed kernel's, what --quantize int8 runs")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--prepare", action="store_true",
                     help="only write the checkpoint (outside the timing lock) and keep it for the next run")
@@ -304,7 +323,8 @@ def main():
             sys.exit(f"error: the int8 model needs ~{need / 1e9:.1f} GB and {avail / 1e9:.1f} GB are available: "
                      "not loading it (run with fewer --layers or when memory is free)")
         probe = run_json([PROBE, str(args.threads)])
-        res = run_json([CHILD, str(folder), str(args.tokens), str(args.threads), str(Path(__file__).parent)])
+        res = run_json([CHILD, str(folder), str(args.tokens), str(args.threads), str(Path(__file__).parent),
+                        args.kernels])
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -317,7 +337,9 @@ def report(cfg, folder, disk, write_s, need, probe, res, args, out: Path):
     counts = {"total": c.total, "activated": c.activated}
     act = res["activated"]
     bw = probe["read_bytes_per_s"]
-    tok_s = 1 / res["median_step_seconds"]
+    per_kernel = {k: 1 / v for k, v in res["median_step_seconds"].items()}
+    chosen = res["probed_kernel"]
+    tok_s = per_kernel.get(chosen, per_kernel.get("probed", max(per_kernel.values())))
     roof = bw / act["total"]
     gen_tok_s = res["generate_tokens"] / res["generate_seconds"]
     result = {
@@ -325,7 +347,9 @@ def report(cfg, folder, disk, write_s, need, probe, res, args, out: Path):
         "layers": cfg.num_hidden_layers, "params": counts, "checkpoint_bytes": disk, "write_seconds": write_s,
         "int8_model_bytes": need, "peak_rss_bytes": res["peak_rss"], "base_rss_bytes": res["base_rss"],
         "load_seconds": res["load_seconds"], "decode_tokens": args.tokens, "threads": args.threads,
-        "decode_tok_s": tok_s, "generate_tok_s": gen_tok_s, "generate_same_tokens": res["same_tokens"],
+        "probed_kernel": chosen, "decode_tok_s": tok_s, "decode_tok_s_by_kernel": per_kernel,
+        "fraction_of_roofline_by_kernel": {k: v / (bw / act["total"]) for k, v in per_kernel.items()},
+        "generate_tok_s": gen_tok_s,
         "activated_bytes": act, "bandwidth_bytes_per_s": bw, "bandwidth_probes": probe["read_probes"], "int8_gemv_bytes_per_s": probe["int8_gemv_bytes_per_s"],
         "roofline_tok_s": roof, "fraction_of_roofline": tok_s / roof,
         "step_seconds": res["step_seconds"],
@@ -337,13 +361,15 @@ def report(cfg, folder, disk, write_s, need, probe, res, args, out: Path):
             ("int8 model tensors", f"{need / 1e9:.2f} GB"),
             ("peak RSS of the load (VmHWM)", f"{res['peak_rss'] / 1e9:.2f} GB (interpreter {res['base_rss'] / 1e9:.2f})"),
             ("load seconds (1 thread)", f"{res['load_seconds']:.1f}"),
-            (f"decode b1 tok/s ({args.threads} threads, median step)", f"{tok_s:.2f}"),
+            (f"decode b1 tok/s ({args.threads} threads, median step)", f"{tok_s:.2f} (probed kernel {chosen}; "
+             + ", ".join(f"{k} {v:.2f} = {v / roof:.0%}" for k, v in per_kernel.items()) + ")"),
             ("decode b1 tok/s via nanoseek.generate", f"{gen_tok_s:.2f}"),
             ("activated bytes per token", f"{act['total'] / 1e9:.3f} GB  ("
              + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in act.items() if k != "total") + ")"),
             (f"read bandwidth ({args.threads} threads, 1 GiB)", f"{bw / 1e9:.1f} GB/s  ("
              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probe["read_probes"].items()) + ")"),
-            ("int8pack GEMV read rate (1 GiB of experts)", f"{probe['int8_gemv_bytes_per_s'] / 1e9:.1f} GB/s"),
+            ("int8 GEMV read rate (1 GiB of experts)", ", ".join(
+                f"{k} {v / 1e9:.1f} GB/s" for k, v in probe["int8_gemv_bytes_per_s"].items())),
             ("roofline tok/s", f"{roof:.2f}"),
             ("fraction of roofline", f"{tok_s / roof:.0%}")]
     print(f"\n{result['config']}")
