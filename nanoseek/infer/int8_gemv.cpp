@@ -54,6 +54,45 @@ VNNI void block(const int16_t* xq, const float* xs, int64_t M, int64_t K, int64_
   }
 }
 
+// One x row against weight rows n0 .. n1 in S sequential streams: the range is cut into S parts and
+// each step takes the next row of every part, prefetched PREFETCH bytes ahead (2 KiB rows: one stream
+// with the hardware prefetcher alone read 18 GB/s on 2 threads, with software prefetch 24, two streams
+// 26, the machine's fp32 GEMV 30).
+constexpr int64_t PREFETCH = 4096;  // measured: 1 KiB 21.7, 2 KiB 22.9-24.2, 3-8 KiB 23.8-24.7 GB/s (1 stream)
+
+template <int S>
+VNNI void rows_for_one_token(const int16_t* xm, float xs, int64_t K, const int8_t* q, const float* scale,
+                             float* out, int64_t n0, int64_t n1) {
+  const int64_t part = (n1 - n0) / S;
+  for (int64_t i = 0; i < part; ++i) {
+    const int8_t* qr[S];
+    __m512i a[S], b[S];
+    for (int j = 0; j < S; ++j) {
+      qr[j] = q + (n0 + j * part + i) * K;
+      a[j] = b[j] = _mm512_setzero_si512();
+    }
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512i x0 = _mm512_loadu_si512(xm + k), x1 = _mm512_loadu_si512(xm + k + 32);
+      for (int j = 0; j < S; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(qr[j] + k + PREFETCH), _MM_HINT_T0);
+        a[j] = _mm512_dpwssd_epi32(a[j], x0, widen(qr[j] + k));
+        b[j] = _mm512_dpwssd_epi32(b[j], x1, widen(qr[j] + k + 32));
+      }
+    }
+    for (; k < K; k += 32) {  // the tail: masked weight loads (x is zero-padded)
+      const __mmask32 mk = (K - k >= 32) ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+      const __m512i x0 = _mm512_loadu_si512(xm + k);
+      for (int j = 0; j < S; ++j) a[j] = _mm512_dpwssd_epi32(a[j], x0, widen_masked(qr[j] + k, mk));
+    }
+    for (int j = 0; j < S; ++j) {
+      const int64_t n = n0 + j * part + i;
+      out[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtepi32_ps(a[j]), _mm512_cvtepi32_ps(b[j]))) * xs * scale[n];
+    }
+  }
+  if (S > 1 && n0 + S * part < n1) rows_for_one_token<1>(xm, xs, K, q, scale, out, n0 + S * part, n1);
+}
+
 // x rows -> int16 (zero-padded to Kp) and their scales. The largest |value| maps to xmax, chosen so that
 // no int32 lane can overflow: a lane adds Kp / 16 products of at most 127 * xmax.
 void quantize_x(const float* x, int64_t M, int64_t K, int64_t Kp, int16_t* xq, float* xs) {
@@ -101,6 +140,12 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   float* op = out.data_ptr<float>();
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, ROWS * K));  // >= 64 KiB a task
+  if (M == 1) {  // decoding one token: rows in one sequential stream per thread
+    at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+      rows_for_one_token<2>(xq.data(), xs[0], K, qp, sp, op, n0, n1);
+    });
+    return out;
+  }
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * ROWS;

@@ -4,21 +4,29 @@
     q = int8_copy(model)          # int8 Linears and experts; embeddings, norms, gate shared with `model`
 
 Decoding a batch of one reads every activated weight once per token; int8 weights are a quarter of
-fp32's bytes. The kernel is torch's weight-only `torch._weight_int8pack_mm(x_bf16 (M, K), q (N, K) int8,
-scales_bf16 (N,))`: activations go to bf16 for it (the weights' rounding dominates the error anyway), its
-output comes back to fp32. With fp32 activations the same kernel runs 8-20x slower than fp32 on an
-AMX Xeon (the "2-8x slower" this file once claimed was that); with bf16 activations it ran
-1.6-2.2x fp32's GEMV on 1024-8192-wide matrices (2 threads), and this module's probe measured
-2.2-2.8x on a 2048 x 1024 GEMV (1 and 2 threads, a loaded machine). A decoded token is ~1,100 small
-ops on bench-192m, and each int8 matmul adds two casts and two views to fp32's one op, so the model
-gains less than the GEMV (docs/inference.md has the model-level numbers). For rows beyond
-INT8PACK_MAX_ROWS (prefill) the weights are dequantized per call and the matmul runs in the
-activations' dtype, where the dense GEMM wins.
+fp32's bytes. Three kernels compute x (M <= INT8PACK_MAX_ROWS, K) @ (q * scale)^T:
+
+- `avx512`: nanoseek's own (int8_gemv.cpp, a torch C++ extension compiled on first use where a compiler
+  is found; AVX-512 VNNI). Each activation row is quantized to int16 (error <= 2^-16 of its largest
+  value), weights are widened to int16 and `vpdpwssd` accumulates in int32; at batch 1 each thread
+  streams its rows of q sequentially with software prefetch. It reads int8 weights at 10-12 GB/s a
+  core where int8pack reads 5-7 (1 GiB of 2816 x 2048 expert weights, 1 and 2 threads, an AMX Xeon),
+  i.e. near the memory's speed, where torch's kernel is bound by its widening of int8 to bf16.
+- `int8pack`: torch's weight-only `torch._weight_int8pack_mm(x_bf16 (M, K), q (N, K) int8, scales_bf16
+  (N,))`: activations go to bf16 for it, its output comes back to fp32. With fp32 activations the same
+  kernel runs 8-20x slower than fp32 on an AMX Xeon; with bf16 activations 1.6-2.2x fp32's GEMV on
+  1024-8192-wide matrices (2 threads). It needs K % 16 == 0 (see INT8PACK_K_MULTIPLE).
+- `dequant`: the weights dequantized per call and a dense matmul in the activations' dtype
+  (`reference_matmul`, pure PyTorch: also CUDA, the path the tests check the others against, and the
+  path of every matmul of more than INT8PACK_MAX_ROWS rows, prefill, where the dense GEMM wins).
+
+A decoded token is ~1,100 small ops on bench-192m, so small models gain less than the GEMV
+(docs/inference.md has the model-level numbers); a large MoE such as DeepSeek-V2-Lite is bound by the
+weights' bytes and gains what the kernel gains.
 
 Which kernel runs is chosen by a short probe, cached with the matmul probe (`nanoseek.precision.
-cached_probe`): int8pack where it computes correctly and beats the dequantizing path on a GEMV; else
-the dequantizing path (`reference_matmul`, pure PyTorch: also CUDA, and the path the tests check the
-fast one against). NANOSEEK_INT8_KERNEL=int8pack|dequant overrides the choice.
+cached_probe`): the fastest of those that compute correctly here on a decode-sized GEMV.
+NANOSEEK_INT8_KERNEL=avx512|int8pack|dequant overrides the choice.
 
 Kept in full precision: embeddings (a lookup), norms, the routing gate (a discrete choice), and
 kv_b_proj (the absorbed MLA path reads its weight directly; it is small).
