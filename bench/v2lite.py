@@ -78,7 +78,7 @@ warnings.simplefilter("ignore")
 import torch
 from nanoseek import generate
 from nanoseek.infer.int8_load import load_int8_model
-from nanoseek.infer.quant import KERNEL_ENV, forget_kernel_choice, int8_kernel
+from nanoseek.infer.quant import KERNEL_ENV, avx512_works, forget_kernel_choice, int8_kernel
 BLOCK = 4
 from nanoseek.model import LatentCache
 sys.path.insert(0, sys.argv[4])
@@ -98,6 +98,7 @@ torch.set_num_threads(threads)
 cfg = model.config
 prompt = torch.randint(0, cfg.vocab_size, (1, %d), generator=torch.Generator().manual_seed(0))
 kernels = sys.argv[5].split(",") if len(sys.argv) > 5 and sys.argv[5] else []
+kernels = [k for k in kernels if k != "avx512" or avx512_works()]  # no compiler or VNNI: not timed
 steps = {k or "probed": [] for k in kernels or [""]}
 def use(kernel):
     if kernel:

@@ -89,6 +89,16 @@ def test_the_avx512_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
     assert (got != want).any()  # the kernel ran, not the reference
 
 
+def test_forcing_an_unavailable_avx512_kernel_falls_back(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "avx512")
+    monkeypatch.setattr(quant, "_EXTENSION", [None])  # no compiler, or no VNNI
+    kernel = int8_kernel("cpu")
+    assert kernel.name == "dequant" and "unavailable" in kernel.reason
+    q, s = quantize_rows(torch.randn(8, 64))
+    x = torch.randn(1, 64)
+    assert torch.equal(int8_matmul(x, q, s), reference_matmul(x, q, s))
+
+
 @needs_avx512
 def test_the_avx512_kernel_keeps_nan_rows_nan(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "avx512")

@@ -115,6 +115,8 @@ def int8_kernel(device: str | torch.device = "cpu") -> Int8Kernel:
     count; the timings are cached on disk)."""
     device = torch.device(device)
     forced = os.environ.get(KERNEL_ENV)
+    if forced == "avx512" and (device.type != "cpu" or avx512_extension() is None):
+        return Int8Kernel("dequant", f"{KERNEL_ENV}=avx512, but the AVX-512 extension is unavailable here")
     if forced in KERNELS:
         return Int8Kernel(forced, f"{KERNEL_ENV}={forced}")
     key = f"{device.type}|{torch.get_num_threads()}"
