@@ -338,13 +338,58 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     dtype None keeps the stored dtype (FP8 weights become bf16). device None means CPU.
     The model is returned in eval mode.
     """
+    contents = inspect_checkpoint(path)
+    config = contents.config
+    device = torch.device(device or "cpu")
+    if dtype is None:
+        dtype = _stored_dtype(contents.headers, contents.expected)
+    model = contents.model.to(dtype=dtype).to_empty(device=device)
+    model.rotary.inv_freq = rope_frequencies(config)[0].to(device)  # computed, never read from disk
+
+    params = dict(named_tensors(model))
+    for key, info, slot, f in contents.reads():
+        target = params[slot.name].data[slot.index] if slot.index else params[slot.name].data
+        _load_one(key, info, f, target, contents.headers)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()  # as transformers' from_pretrained; call .train() to train
+
+
+@dataclass
+class CheckpointContents:
+    """A checked HF-format folder: its config, every stored tensor's header, our Transformer for it
+    built on the meta device (no memory) and the HF key -> Slot map of the tensors to load."""
+
+    path: Path
+    config: ModelConfig
+    headers: dict[str, TensorInfo]
+    model: Transformer
+    expected: dict[str, Slot]
+
+    def reads(self):
+        """(HF key, TensorInfo, Slot, open file) for every tensor to load, file by file in the order the
+        bytes lie on disk (one sequential pass over each shard)."""
+        by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+        for key, info in self.headers.items():
+            if key in self.expected:
+                by_file.setdefault(info.file, []).append((key, info))
+        for file, items in by_file.items():
+            with open(file, "rb") as f:
+                for key, info in sorted(items, key=lambda kv: kv[1].offset):
+                    yield key, info, self.expected[key], f
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointContents:
+    """Read and check a model folder's config and safetensors headers without loading any weight:
+    missing, unexpected, duplicated, wrongly shaped or truncated tensors raise CheckpointError naming
+    the file and tensor. A config with MTP layers over a checkpoint holding none loads without MTP
+    (with a warning)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json is missing")
     config = ModelConfig.from_hf(path / "config.json")
-    device = torch.device(device or "cpu")
 
     headers: dict[str, TensorInfo] = {}
     for file in checkpoint_files(path):
@@ -365,27 +410,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         with torch.device("meta"):
             model = Transformer(config)
         expected = hf_key_map(model)
-
     _check_keys(path, model, expected, headers)
-    if dtype is None:
-        dtype = _stored_dtype(headers, expected)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.rotary.inv_freq = rope_frequencies(config)[0].to(device)  # computed, never read from disk
-
-    params = dict(named_tensors(model))
-    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
-    for key, info in headers.items():
-        if key in expected:
-            by_file.setdefault(info.file, []).append((key, info))
-    for file, items in by_file.items():
-        with open(file, "rb") as f:
-            for key, info in sorted(items, key=lambda kv: kv[1].offset):
-                slot = expected[key]
-                target = params[slot.name].data[slot.index] if slot.index else params[slot.name].data
-                _load_one(key, info, f, target, headers)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()  # as transformers' from_pretrained; call .train() to train
+    return CheckpointContents(path, config, headers, model, expected)
 
 
 def _check_keys(path: Path, model: Transformer, expected: dict[str, Slot], headers: dict[str, TensorInfo]):
@@ -442,15 +468,22 @@ def _stored_dtype(headers: dict[str, TensorInfo], expected: dict[str, Slot]) -> 
 
 
 def _load_one(key: str, info: TensorInfo, f, target: torch.Tensor, headers: dict[str, TensorInfo]):
+    if info.dtype == target.dtype and target.is_contiguous() and target.device.type == "cpu":
+        _read_into(info, f, target)
+    else:
+        target.copy_(read_weight(key, info, f, headers, target.dtype))
+
+
+def read_weight(key: str, info: TensorInfo, f, headers: dict[str, TensorInfo],
+                fp8_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One stored tensor from the open file `f`, in its stored dtype; an FP8 weight is dequantized
+    with its `_scale_inv` (checked by inspect_checkpoint) into fp8_dtype."""
     if info.dtype in FP8_DTYPES:
         scale_info = headers[key + "_scale_inv"]  # presence and shape checked by _check_fp8_scale
         with open(scale_info.file, "rb") as sf:
             scale = read_tensor(scale_info, sf)
-        target.copy_(dequantize_fp8(read_tensor(info, f), scale, target.dtype))
-    elif info.dtype == target.dtype and target.is_contiguous() and target.device.type == "cpu":
-        _read_into(info, f, target)
-    else:
-        target.copy_(read_tensor(info, f))
+        return dequantize_fp8(read_tensor(info, f), scale, fp8_dtype)
+    return read_tensor(info, f)
 
 
 # ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------

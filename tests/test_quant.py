@@ -18,7 +18,8 @@ from nanoseek.errors import ConfigError
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer import quant
 from nanoseek.infer.compute import inference_precision
-from nanoseek.infer.quant import (KERNEL_ENV, Int8Linear, Int8RoutedExperts, dequantize, int8_copy, int8_kernel,
+from nanoseek.infer.quant import (KERNEL_ENV, Int8Linear, Int8RoutedExperts, avx512_works, dequantize, int8_copy,
+                                  int8_kernel,
                                   int8_matmul, int8pack_works, is_quantized, quantize_int8, quantize_rows,
                                   reference_matmul)
 from nanoseek.precision import CACHE_ENV, PROBE_FILE
@@ -27,6 +28,9 @@ from nanoseek.serve import load_engine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_int8pack = pytest.mark.skipif(not int8pack_works(), reason="torch._weight_int8pack_mm is missing or wrong here")
+needs_avx512 = pytest.mark.skipif(not avx512_works(), reason="the AVX-512 VNNI extension does not build or run here")
+# the AVX-512 kernel quantizes each activation row to int16 (error <= 2^-16 of its largest value)
+AVX512_RTOL = 1e-3
 # the fast kernel takes bf16 activations and returns bf16: against the reference (fp32 activations,
 # the same int8 weights) each output is within ~1% of the row's largest output
 FAST_RTOL = 0.01
@@ -36,11 +40,13 @@ FAST_RTOL = 0.01
 MODEL_RTOL = 0.1
 
 
-@pytest.fixture(params=["int8pack", "dequant"])
+@pytest.fixture(params=["avx512", "int8pack", "dequant"])
 def kernel(request, monkeypatch):
-    """Each test runs with the fast kernel (where it works) and with the reference path."""
+    """Each test runs with each fast kernel (where it works) and with the reference path."""
     if request.param == "int8pack" and not int8pack_works():
         pytest.skip("torch._weight_int8pack_mm is missing or wrong here")
+    if request.param == "avx512" and not avx512_works():
+        pytest.skip("the AVX-512 VNNI extension does not build or run here")
     monkeypatch.setenv(KERNEL_ENV, request.param)
     return request.param
 
@@ -67,6 +73,43 @@ def test_the_fast_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
     assert (got != want).any()  # the bf16 kernel ran, not the reference
 
 
+@needs_avx512
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("N,K", [(24, 48), (37, 56), (130, 256), (9, 1408), (3, 10944)])
+def test_the_avx512_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
+    """Any K (a masked tail past each 64), odd N (a block of fewer rows), up to INT8PACK_MAX_ROWS rows."""
+    monkeypatch.setenv(KERNEL_ENV, "avx512")
+    q, s = quantize_rows(torch.randn(N, K))
+    x = torch.randn(M, K)
+    want = reference_matmul(x, q, s)
+    got = int8_matmul(x, q, s)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)
+    assert (err < AVX512_RTOL).all(), err
+    assert (got != want).any()  # the kernel ran, not the reference
+
+
+def test_forcing_an_unavailable_avx512_kernel_falls_back(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "avx512")
+    monkeypatch.setattr(quant, "_EXTENSION", [None])  # no compiler, or no VNNI
+    kernel = int8_kernel("cpu")
+    assert kernel.name == "dequant" and "unavailable" in kernel.reason
+    q, s = quantize_rows(torch.randn(8, 64))
+    x = torch.randn(1, 64)
+    assert torch.equal(int8_matmul(x, q, s), reference_matmul(x, q, s))
+
+
+@needs_avx512
+def test_the_avx512_kernel_keeps_nan_rows_nan(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "avx512")
+    q, s = quantize_rows(torch.randn(8, 64))
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    out = int8_matmul(x, q, s)
+    assert out[0].isfinite().all() and out[1:].isnan().all()
+
+
 @needs_int8pack
 def test_matmuls_the_kernel_cannot_take_use_the_reference(monkeypatch):
     """K % 16 != 0 (the kernel would read past each row) and more than INT8PACK_MAX_ROWS rows."""
@@ -90,6 +133,7 @@ def test_the_kernel_probe_is_cached_and_overridable(tmp_path, monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(quant, "_KERNEL", {})
     monkeypatch.setattr(quant, "int8pack_works", lambda: True)
+    monkeypatch.setattr(quant, "avx512_works", lambda: False)
     timings = {"fp32": 2e-3, "int8pack": 1e-3, "dequant": 4e-3}
     calls = []
     monkeypatch.setattr(quant, "_time_gemv", lambda name, N, K: calls.append(name) or timings[name])
@@ -111,7 +155,20 @@ def test_a_broken_kernel_is_never_chosen(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(quant, "_KERNEL", {})
     monkeypatch.setattr(quant, "int8pack_works", lambda: False)
+    monkeypatch.setattr(quant, "avx512_works", lambda: False)
     assert int8_kernel("cpu").name == "dequant"
+
+
+def test_the_probe_picks_the_fastest_working_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(quant, "_KERNEL", {})
+    monkeypatch.setattr(quant, "int8pack_works", lambda: True)
+    monkeypatch.setattr(quant, "avx512_works", lambda: True)
+    timings = {"fp32": 2e-3, "avx512": 5e-4, "int8pack": 1e-3, "dequant": 4e-3}
+    monkeypatch.setattr(quant, "_time_gemv", lambda name, N, K: timings[name])
+    kernel = int8_kernel("cpu")
+    assert kernel.name == "avx512" and "avx512 GEMV 4.00x fp32" in kernel.reason
 
 
 def test_int8_experts_equal_the_dequantized_experts(kernel):
@@ -123,7 +180,7 @@ def test_int8_experts_equal_the_dequantized_experts(kernel):
     with torch.no_grad():  # the float model with the int8 model's (dequantized) weights
         experts.gate_up.copy_(dequantize(q.gate_up_q, q.gate_up_scale))
         experts.down.copy_(dequantize(q.down_q, q.down_scale))
-    tol = 0.03 if kernel == "int8pack" else 1e-4
+    tol = {"int8pack": 0.03, "avx512": AVX512_RTOL}.get(kernel, 1e-4)
     for N in (1, 2, 5, 64):
         x = torch.randn(N, 32)
         idx = torch.stack([torch.randperm(8)[:3] for _ in range(N)])

@@ -16,6 +16,7 @@ from ..eval import markdown_table, summary_line, write_eval
 from ..eval.tasks import evaluate_task
 from ..infer import check_generation
 from ..infer.compute import inference_precision
+from ..infer.int8_load import load_int8_model_and_tokenizer
 from ..precision import PRECISIONS
 from ..tasks import TASKS, get_task, write_chat_jsonl
 from ..tasks.dataset import DATASET_OPTIONS, EXPORT_OPTIONS, export_task, load_dataset
@@ -236,7 +237,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plan = inference_precision(args.precision, "cpu", args.quantize) if args.quantize != "none" else args.precision
     task = _task_or_dataset(args)
     problems = task.generate(args.n, seed=1234, split="test", difficulty=args.difficulty)
-    model, tok = load_model_and_tokenizer(args.path, args.tokenizer)
+    load = load_int8_model_and_tokenizer if args.quantize == "int8" else load_model_and_tokenizer
+    model, tok = load(args.path, args.tokenizer)  # int8: streamed into int8, never the fp32 model
     result = evaluate_task(model, tok, task, problems=problems, k=args.k, temperature=args.temperature,
                            top_p=args.top_p, greedy=not args.no_greedy, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(),

@@ -21,12 +21,14 @@ def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | N
 
     precision (auto | fp32 | bf16; `nanoseek.infer.compute`) chooses how the model computes and so the
     dtype its weights load in; dtype instead loads them in that dtype and computes in it; neither: the
-    stored dtype (FP8 becomes bf16). quantize int8 (with precision auto/fp32 or None) loads fp32 and
-    keeps an int8 copy of the Linears and experts. `engine.precision_plan` says what was chosen."""
+    stored dtype (FP8 becomes bf16). quantize int8 (with precision auto/fp32 or None) reads the weights
+    tensor by tensor straight into int8 Linears and experts (`nanoseek.infer.int8_load`: memory for the
+    int8 model, never the full-precision one). `engine.precision_plan` says what was chosen."""
     from ..checkpoint import load_model
     from ..errors import ConfigError, DataError
     from ..infer import Engine, load_tokenizer
     from ..infer.compute import inference_precision
+    from ..infer.int8_load import load_int8_model
     if dtype is not None and (precision is not None or quantize != "none"):
         raise ConfigError("give load_engine a dtype or a precision (and quantize), not both: the precision "
                           "chooses the dtype")
@@ -34,7 +36,10 @@ def load_engine(path: str | Path, *, max_batch: int = 16, max_model_len: int | N
         precision = "auto"
     plan = inference_precision(precision, device or "cpu", quantize) if precision is not None else None
     tokenizer = load_tokenizer(path)
-    model = load_model(path, device=device, dtype=plan.weights if plan is not None else dtype)
+    if plan is not None and plan.quantize == "int8":
+        model = load_int8_model(path)  # the plan checked the device: a CPU
+    else:
+        model = load_model(path, device=device, dtype=plan.weights if plan is not None else dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise DataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}")
