@@ -170,6 +170,7 @@ def _build_extension():
     from pathlib import Path
     try:
         from torch.utils.cpp_extension import load
+        _put_ninja_on_path()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ext = load(name="nanoseek_int8_gemv", sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
@@ -177,6 +178,19 @@ def _build_extension():
         return ext if ext.vnni_supported() else None
     except Exception:  # no compiler or ninja, a failed build: the other kernels remain
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch.utils.cpp_extension runs `ninja` from PATH; the pip package (a dependency) puts it in the
+    environment's bin folder, which is not on PATH when the venv's python runs without activation."""
+    import os
+    import shutil
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def avx512_works() -> bool:
