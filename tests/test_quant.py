@@ -62,15 +62,21 @@ def test_quantize_rows_round_trip_error_is_half_a_step():
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("N,K", [(24, 48), (64, 128), (130, 256)])
 def test_the_fast_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
-    monkeypatch.setenv(KERNEL_ENV, "int8pack")
+    agrees_with_the_reference(monkeypatch, "int8pack", M, N, K, FAST_RTOL)
+
+
+def agrees_with_the_reference(monkeypatch, kernel: str, M: int, N: int, K: int, rtol: float):
+    """int8_matmul forced to `kernel` against reference_matmul: within rtol of each row's largest
+    value, and not the reference itself (the kernel ran)."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     q, s = quantize_rows(torch.randn(N, K))
     x = torch.randn(M, K)
     want = reference_matmul(x, q, s)
     got = int8_matmul(x, q, s)
     assert got.dtype == torch.float32 and got.shape == (M, N)
     err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)
-    assert (err < FAST_RTOL).all(), err
-    assert (got != want).any()  # the bf16 kernel ran, not the reference
+    assert (err < rtol).all(), err
+    assert (got != want).any()
 
 
 @needs_avx512
@@ -78,15 +84,7 @@ def test_the_fast_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
 @pytest.mark.parametrize("N,K", [(24, 48), (37, 56), (130, 256), (9, 1408), (3, 10944)])
 def test_the_avx512_kernel_agrees_with_the_reference(monkeypatch, M, N, K):
     """Any K (a masked tail past each 64), odd N (a block of fewer rows), up to INT8PACK_MAX_ROWS rows."""
-    monkeypatch.setenv(KERNEL_ENV, "avx512")
-    q, s = quantize_rows(torch.randn(N, K))
-    x = torch.randn(M, K)
-    want = reference_matmul(x, q, s)
-    got = int8_matmul(x, q, s)
-    assert got.dtype == torch.float32 and got.shape == (M, N)
-    err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)
-    assert (err < AVX512_RTOL).all(), err
-    assert (got != want).any()  # the kernel ran, not the reference
+    agrees_with_the_reference(monkeypatch, "avx512", M, N, K, AVX512_RTOL)
 
 
 def test_forcing_an_unavailable_avx512_kernel_falls_back(monkeypatch):
@@ -128,12 +126,17 @@ def test_matmuls_the_kernel_cannot_take_use_the_reference(monkeypatch):
         assert ((got - want).abs().amax(dim=1) < FAST_RTOL * want.abs().amax(dim=1)).all()
 
 
-def test_the_kernel_probe_is_cached_and_overridable(tmp_path, monkeypatch):
+def fresh_probe(tmp_path, monkeypatch, avx512: bool):
+    """No kernel chosen yet, the probe cache in tmp_path, int8pack working and avx512 as given."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(quant, "_KERNEL", {})
     monkeypatch.setattr(quant, "int8pack_works", lambda: True)
-    monkeypatch.setattr(quant, "avx512_works", lambda: False)
+    monkeypatch.setattr(quant, "avx512_works", lambda: avx512)
+
+
+def test_the_kernel_probe_is_cached_and_overridable(tmp_path, monkeypatch):
+    fresh_probe(tmp_path, monkeypatch, avx512=False)
     timings = {"fp32": 2e-3, "int8pack": 1e-3, "dequant": 4e-3}
     calls = []
     monkeypatch.setattr(quant, "_time_gemv", lambda name, N, K: calls.append(name) or timings[name])
@@ -160,11 +163,7 @@ def test_a_broken_kernel_is_never_chosen(monkeypatch):
 
 
 def test_the_probe_picks_the_fastest_working_kernel(tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(KERNEL_ENV, raising=False)
-    monkeypatch.setattr(quant, "_KERNEL", {})
-    monkeypatch.setattr(quant, "int8pack_works", lambda: True)
-    monkeypatch.setattr(quant, "avx512_works", lambda: True)
+    fresh_probe(tmp_path, monkeypatch, avx512=True)
     timings = {"fp32": 2e-3, "avx512": 5e-4, "int8pack": 1e-3, "dequant": 4e-3}
     monkeypatch.setattr(quant, "_time_gemv", lambda name, N, K: timings[name])
     kernel = int8_kernel("cpu")
