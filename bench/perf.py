@@ -19,6 +19,7 @@ care), with freed memory kept for reuse as the trainers do (nanoseek.train.alloc
 glibc's defaults); writes bench/results/perf_train_precision.json.
     .venv/bin/python bench/perf.py --rollouts [--configs bench-8m]    # GRPO rollouts, bench/rollouts.py
     .venv/bin/python bench/perf.py --only-int8 [--configs ...]        # int8 against fp32 inference only
+    .venv/bin/python bench/perf.py --v2lite [--layers N] [--keep]     # DeepSeek-V2-Lite in int8, bench/v2lite.py
 
 --only-int8: greedy decode at batch 1 and 8 and prefill 256 with fp32 weights and with --quantize int8
 (`int8_inference_rows`), interleaved, the ratios, and the int8 logits' error against fp32 (max and
@@ -624,7 +625,16 @@ def main():
                     help="only decode b1/b8 with compiled decode steps against eager (and llama.cpp f32)")
     ap.add_argument("--llama", action="store_true",
                     help="build llama-cpp-python's side environment if missing (the llama.cpp column)")
-    args = ap.parse_args()
+    ap.add_argument("--v2lite", action="store_true",
+                    help="only the DeepSeek-V2-Lite int8 rows: bench/v2lite.py, given the arguments that follow "
+                         "(e.g. --v2lite --layers 3); writes a ~31 GB checkpoint, needs ~18 GB free memory")
+    args, rest = ap.parse_known_args()
+    if args.v2lite:  # its own arguments, its own table and targets (peak RSS, % of the roofline)
+        import v2lite
+        sys.argv = [v2lite.__file__, *rest]
+        return v2lite.main()
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     llama = lambda: llama_column.for_perf(args.llama, torch.get_num_threads())  # noqa: E731
     only = [(args.rollouts, "perf_rollouts.json", lambda: bench_rollout_rows(args.configs, args.quick, llama()), None),
             (args.train_precision, "perf_train_precision.json",
