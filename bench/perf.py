@@ -590,6 +590,22 @@ def print_compile_notes(res: dict):
               f"greedy tokens equal eager's: {res[f'compiled_greedy_equal_eager_b{bs}']}")
 
 
+ROLLOUT_GOAL = 6.0  # issue 18: prefix-reuse rollouts at least this x transformers' generate (and >= llama.cpp f32)
+
+
+def rollout_targets(res: dict) -> list[dict]:
+    """[{goal, value, holds}]: prefix reuse against transformers and, with the llama.cpp column, against
+    llama.cpp f32's multi-sequence decode on the same weights."""
+    value = res["ratios"]["prefix reuse / transformers"]
+    checks = [{"goal": f"rollouts >= {ROLLOUT_GOAL}x transformers", "value": value, "holds": value >= ROLLOUT_GOAL}]
+    rows = res.get("llama_cpp", {}).get("rows", {})
+    for key, row in rows.items():
+        if key.startswith("llama.cpp f32"):
+            ratio = rows["nanoseek prefix reuse"]["tokens_per_s"] / row["tokens_per_s"]
+            checks.append({"goal": f"rollouts >= {key}", "value": ratio, "holds": ratio >= 1.0})
+    return checks
+
+
 def bench_rollout_rows(configs: list[str], quick: bool, llama=llama_column.NoColumn()) -> list[dict]:
     """GRPO-shaped rollouts (bench/rollouts.py: 16 prompts x 8 samples, 128 new tokens at T=1) on the
     demo's model and `configs`: nanoseek with repeated prompts, with prefix reuse, and transformers;
@@ -602,6 +618,10 @@ def bench_rollout_rows(configs: list[str], quick: bool, llama=llama_column.NoCol
         if llama.enabled:
             res["llama_cpp"] = llama_column.rollout_rows(llama, name, 2 if quick else 3, new=32 if quick else 128)
             llama_column.print_rollouts(res["llama_cpp"])
+        res["targets"] = rollout_targets(res)
+        for t in res["targets"]:
+            print(f"  {t['goal']:<44}{t['value']:>6.2f}x  {'holds' if t['holds'] else 'MISSED'}")
+        print()
         results.append(res)
     return results
 
