@@ -42,3 +42,12 @@ def test_freed_memory_is_reused_without_page_faults():
     default = child("0")  # the opt-out leaves malloc as it was: every 64 MB block is fresh pages
     assert default["kept"] is False
     assert default["faults"][0] > 4000
+
+
+def test_a_bad_setting_is_an_error_naming_it(monkeypatch):
+    """NANOSEEK_KEEP_FREED_MEMORY takes 0 or 1: "false" must not quietly mean "keep"."""
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.allocator import keep_freed_memory
+    monkeypatch.setenv("NANOSEEK_KEEP_FREED_MEMORY", "false")
+    with pytest.raises(ConfigError, match="NANOSEEK_KEEP_FREED_MEMORY='false'"):
+        keep_freed_memory()

@@ -154,6 +154,13 @@ def test_the_kernel_probe_is_cached_and_overridable(tmp_path, monkeypatch):
     assert int8_kernel("meta").name == "dequant"  # no probe off the CPU
 
 
+def test_an_unknown_kernel_override_is_an_error_naming_it(monkeypatch):
+    """NANOSEEK_INT8_KERNEL takes a kernel's name: a typo must not quietly fall back to the probe."""
+    monkeypatch.setenv(KERNEL_ENV, "avx2")
+    with pytest.raises(ConfigError, match="NANOSEEK_INT8_KERNEL='avx2'"):
+        int8_kernel("cpu")
+
+
 def test_a_broken_kernel_is_never_chosen(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(quant, "_KERNEL", {})

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..model import Transformer
 from ..model.moe import FEW_PAIRS, RoutedExperts
 from ..precision import cached_probe, machine_key
@@ -114,7 +115,9 @@ def int8_kernel(device: str | torch.device = "cpu") -> Int8Kernel:
     """The kernel int8 matmuls of few rows take on `device` (probed once per device type and thread
     count; the timings are cached on disk)."""
     device = torch.device(device)
-    forced = os.environ.get(KERNEL_ENV)
+    forced = os.environ.get(KERNEL_ENV) or None
+    if forced is not None and forced not in KERNELS:
+        raise ConfigError(f"{KERNEL_ENV}={forced!r}: expected one of {', '.join(KERNELS)} (or unset: the probe picks)")
     if forced == "avx512" and (device.type != "cpu" or avx512_extension() is None):
         return Int8Kernel("dequant", f"{KERNEL_ENV}=avx512, but the AVX-512 extension is unavailable here")
     if forced in KERNELS:

@@ -24,6 +24,8 @@ import ctypes.util
 import os
 import platform
 
+from ..errors import ConfigError
+
 ENV = "NANOSEEK_KEEP_FREED_MEMORY"  # "0": leave malloc as it is
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 _state = {"kept": False}
@@ -41,10 +43,14 @@ def _glibc():
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring). Returns whether it is in
-    effect: False where it does not apply (not glibc, NANOSEEK_KEEP_FREED_MEMORY=0)."""
+    effect: False where it does not apply (not glibc, NANOSEEK_KEEP_FREED_MEMORY=0); another value of
+    NANOSEEK_KEEP_FREED_MEMORY than 0 or 1 is a ConfigError naming it."""
+    setting = os.environ.get(ENV, "1")
+    if setting not in ("0", "1"):
+        raise ConfigError(f"{ENV}={setting!r}: expected 1 (keep freed memory for reuse) or 0 (malloc's defaults)")
     if _state["kept"]:
         return True
-    if os.environ.get(ENV, "1") == "0":
+    if setting == "0":
         return False
     libc = _glibc()
     if libc is None:
